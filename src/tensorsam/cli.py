@@ -1,0 +1,56 @@
+"""`tensorsam <command> ...`: the command-line entry point.
+
+Each subcommand lives in its own module, which exposes ``add_arguments(parser)`` and
+``run(args) -> int``.  Modules are imported only when their command runs, so ``--help``
+stays fast and a missing optional dependency only affects its own command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+
+# command name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "compress-demo": ("tensorsam.commands.compress_demo", "decompose a dense layer in every format"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tensorsam", description="Sharpness-aware training of tensorized models."
+    )
+    parser.add_argument("--version", action="version", version=f"tensorsam {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(_module=module)
+        # arguments are attached lazily in main() to keep --help import-light
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] in COMMANDS:
+        module = importlib.import_module(COMMANDS[argv[0]][0])
+        p = argparse.ArgumentParser(prog=f"tensorsam {argv[0]}", description=COMMANDS[argv[0]][1])
+        module.add_arguments(p)
+        args = p.parse_args(argv[1:])
+        try:
+            return int(module.run(args) or 0)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"tensorsam {argv[0]}: error: {err}", file=sys.stderr)
+            return 2
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

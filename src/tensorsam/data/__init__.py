@@ -1,0 +1,1 @@
+"""tensorsam.data"""

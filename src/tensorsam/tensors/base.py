@@ -1,0 +1,169 @@
+"""The contract every factorized tensor format follows.
+
+A format only describes *shapes* and an *einsum*: the shape of each core and the
+subscripts that compose the cores into the full tensor.  Everything generic —
+reconstruction along a cached opt_einsum path, degrees of freedom, compression
+ratio, the unified initialisation — lives here once, so formats stay small and
+layers (``tensorsam.nn``) can contract an input with the cores of *any* format by
+reusing the same subscripts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import opt_einsum
+import torch
+from torch import nn
+
+FORMATS: dict[str, type[FactorizedTensor]] = {}
+
+
+def register(name: str):
+    """Class decorator adding a format to :data:`FORMATS` under ``name``."""
+
+    def deco(cls):
+        cls.format = name
+        FORMATS[name] = cls
+        return cls
+
+    return deco
+
+
+def get_format(name: str) -> type[FactorizedTensor]:
+    """Look a format up by name; unknown names raise a ``ValueError`` listing the valid ones."""
+    key = str(name).lower()
+    if key not in FORMATS:
+        raise ValueError(f"unknown tensor format {name!r}; expected one of {sorted(FORMATS)}")
+    return FORMATS[key]
+
+
+def validate_shape(shape, name: str = "shape") -> tuple[int, ...]:
+    """Return ``shape`` as a tuple of positive ints or raise a ``ValueError`` naming ``name``."""
+    if isinstance(shape, int):
+        shape = (shape,)
+    try:
+        out = tuple(int(s) for s in shape)
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of positive ints, got {shape!r}") from None
+    if len(out) == 0 or any(s <= 0 for s in out):
+        raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {shape!r}")
+    return out
+
+
+def validate_rank(rank, length: int, name: str = "rank", form: str = "") -> tuple[int, ...]:
+    """Expand an int rank to ``length`` entries, or check a per-mode sequence.
+
+    A wrong length or a non-positive entry raises a ``ValueError`` that names the argument
+    and the expected form (``form`` describes it, e.g. "the N-1 inner TT ranks").
+    """
+    expected = f"an int or a sequence of {length} positive ints" + (f" ({form})" if form else "")
+    if isinstance(rank, bool):
+        raise ValueError(f"{name} must be {expected}, got {rank!r}")
+    if isinstance(rank, int):
+        ranks = (rank,) * length
+    else:
+        try:
+            ranks = tuple(int(r) for r in rank)
+        except TypeError:
+            raise ValueError(f"{name} must be {expected}, got {rank!r}") from None
+        if len(ranks) != length:
+            raise ValueError(f"{name} has {len(ranks)} entries; expected {expected}, got {rank!r}")
+    if any(r <= 0 for r in ranks):
+        raise ValueError(f"{name} must be positive; expected {expected}, got {rank!r}")
+    return ranks
+
+
+class FactorizedTensor(nn.Module):
+    """A tensor of shape ``shape`` stored as cores that compose multilinearly.
+
+    Subclasses set ``self.shape`` and ``self.rank`` and call :meth:`_build` with the core
+    shapes, then implement :meth:`subscripts`, :meth:`from_dense` and (optionally)
+    :meth:`_to_tensorly`.  ``cores`` is the ordered ``nn.ParameterList`` of one
+    scale-invariant group: scaling core k by c_k with prod c_k = 1 leaves
+    :meth:`reconstruct` unchanged.
+    """
+
+    format: str = "?"
+
+    def _build(self, core_shapes: Sequence[Sequence[int]], dtype=None, device=None) -> None:
+        self.cores = nn.ParameterList(
+            nn.Parameter(torch.empty(tuple(s), dtype=dtype, device=device)) for s in core_shapes
+        )
+        self._expr_cache: dict = {}
+        self.reset_parameters()
+
+    # -- what a format must describe -------------------------------------------------------
+    def subscripts(self) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:
+        """Integer einsum labels: one tuple per core, and the labels of the output modes in order.
+
+        Labels ``0..N-1`` are reserved for the tensor's N modes (label i is mode i); rank
+        (bond) labels start at N.  Layers rely on this convention to contract inputs.
+        """
+        raise NotImplementedError
+
+    @property
+    def num_rank_combinations(self) -> int:
+        """Phi: the number of products summed for each entry (SPEC §6)."""
+        raise NotImplementedError
+
+    # -- generic machinery ------------------------------------------------------------------
+    @property
+    def order(self) -> int:
+        return len(self.shape)
+
+    def core_shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(c.shape) for c in self.cores]
+
+    def einsum_equation(self) -> str:
+        ins, out = self.subscripts()
+        sym = opt_einsum.get_symbol
+        return ",".join("".join(sym(i) for i in s) for s in ins) + "->" + "".join(sym(i) for i in out)
+
+    def _expression(self):
+        key = tuple(self.core_shapes())
+        expr = self._expr_cache.get(key)
+        if expr is None:
+            expr = opt_einsum.contract_expression(self.einsum_equation(), *key, optimize="optimal"
+                                                  if len(key) <= 6 else "greedy")
+            self._expr_cache[key] = expr
+        return expr
+
+    def reconstruct(self) -> torch.Tensor:
+        """The full tensor of shape ``self.shape``, contracted along a cached opt_einsum path."""
+        return self._expression()(*self.cores, backend="torch")
+
+    def forward(self) -> torch.Tensor:
+        return self.reconstruct()
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def dof(self) -> int:
+        """Number of stored parameters (sum of core sizes)."""
+        return sum(c.numel() for c in self.cores)
+
+    def compression_ratio(self) -> float:
+        """Dense size divided by :meth:`dof` (> 1 means compressed)."""
+        return self.numel() / self.dof()
+
+    @torch.no_grad()
+    def reset_parameters(self, target_variance: float = 1.0) -> None:
+        """Unified initialisation (Pan et al., ICML 2022; SPEC §6).
+
+        Each core is drawn from U(±sqrt(3v)) with v = (target_variance / Phi)^(1/N), so
+        that every entry of the reconstructed tensor has variance ``target_variance``.
+        """
+        n = len(self.cores)
+        v = (target_variance / self.num_rank_combinations) ** (1.0 / n)
+        bound = math.sqrt(3.0 * v)
+        for c in self.cores:
+            c.uniform_(-bound, bound)
+
+    @classmethod
+    def from_dense(cls, tensor: torch.Tensor, rank, **kwargs) -> FactorizedTensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"format={self.format}, shape={self.shape}, rank={self.rank}, dof={self.dof()}"
