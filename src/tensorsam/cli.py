@@ -15,6 +15,10 @@ from . import __version__
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "completion": ("tensorsam.commands.completion", "tensor completion (E1): HOOI, Adam, SAM, DAS, rebalancing"),
+    "toy": ("tensorsam.commands.toy", "norm-dynamics toy (E2, Fig. 1): Q and Cov under GD vs SAM"),
+    "flatness": ("tensorsam.commands.flatness", "1-D loss landscapes of completion solutions (E3, Fig. 2)"),
+    "report": ("tensorsam.commands.report", "render tables and figures from results files"),
     "compress-demo": ("tensorsam.commands.compress_demo", "decompose a dense layer in every format"),
 }
 
