@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 
 import opt_einsum
+import tensorly
 import torch
 from torch import nn
 
@@ -60,7 +61,7 @@ def validate_rank(rank, length: int, name: str = "rank", form: str = "") -> tupl
     """
     expected = f"an int or a sequence of {length} positive ints" + (f" ({form})" if form else "")
     if isinstance(rank, bool):
-        raise ValueError(f"{name} must be {expected}, got {rank!r}")
+        raise ValueError(f"{name} must be {expected}, got {rank!r}")  # noqa: TRY004 (the contract: bad ranks are ValueErrors)
     if isinstance(rank, int):
         ranks = (rank,) * length
     else:
@@ -73,6 +74,34 @@ def validate_rank(rank, length: int, name: str = "rank", form: str = "") -> tupl
     if any(r <= 0 for r in ranks):
         raise ValueError(f"{name} must be positive; expected {expected}, got {rank!r}")
     return ranks
+
+
+def tensorly_pytorch():
+    """Context in which tensorly runs on the pytorch backend (restored on exit).
+
+    Decompositions run here so that they keep the input's dtype and device, and so that
+    tensorly's own results are exactly what the modules hold.
+    """
+    return tensorly.backend_context("pytorch")
+
+
+def check_dense(tensor, ndim: int | None = None, name: str = "tensor") -> torch.Tensor:
+    """Return ``tensor`` if it is a floating-point torch tensor (of order ``ndim``), else raise."""
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point torch.Tensor, got {type(tensor).__name__}"
+                         + (f" of dtype {tensor.dtype}" if isinstance(tensor, torch.Tensor) else ""))
+    if tensor.ndim == 0 or (ndim is not None and tensor.ndim != ndim):
+        raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected "
+                         + (f"{ndim} modes" if ndim is not None else "at least one mode"))
+    return tensor.detach()
+
+
+def bond_subscripts(mode_labels: Sequence[Sequence[int]], first_bond: int, ring: bool = False):
+    """Labels of a chain (TT, TT-matrix) or ring (TR) of cores: core k gets
+    ``(b_k, *mode_labels[k], b_{k+1})``.  A chain has d+1 bonds (the two boundary bonds have
+    size 1); a ring has d, the last core closing back onto ``b_0``."""
+    n_bonds = len(mode_labels) + (0 if ring else 1)
+    return [(first_bond + k, *m, first_bond + (k + 1) % n_bonds) for k, m in enumerate(mode_labels)]
 
 
 class FactorizedTensor(nn.Module):
@@ -163,6 +192,26 @@ class FactorizedTensor(nn.Module):
 
     @classmethod
     def from_dense(cls, tensor: torch.Tensor, rank, **kwargs) -> FactorizedTensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def load_cores(self, cores: Sequence[torch.Tensor]) -> FactorizedTensor:
+        """Copy ``cores`` (same shapes as :attr:`cores`) into the parameters; returns ``self``."""
+        if len(cores) != len(self.cores):
+            raise ValueError(f"expected {len(self.cores)} cores, got {len(cores)}")
+        for k, (p, c) in enumerate(zip(self.cores, cores)):
+            if tuple(c.shape) != tuple(p.shape):
+                raise ValueError(f"core {k} has shape {tuple(c.shape)}; expected {tuple(p.shape)}")
+            p.copy_(c)
+        return self
+
+    def to_tensorly(self):
+        """The cores as tensorly's object of this format (detached torch tensors; use tensorly's
+        pytorch backend, e.g. :func:`tensorly_pytorch`, to compute with it)."""
+        with tensorly_pytorch():
+            return self._to_tensorly([c.detach() for c in self.cores])
+
+    def _to_tensorly(self, cores: list[torch.Tensor]):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
