@@ -1,0 +1,406 @@
+"""Norm dynamics of scale-invariant groups: per-core norms, Q, Cov, balancedness, u.
+
+Notation (SPEC §1): a group is an ordered list of cores G_1..G_K that compose multilinearly;
+s_k = ||G_k||_F^2, gamma_k = ||g_k||_F^2 with g_k the gradient of core k, and bars are means
+over the group.
+
+Every public function takes either **one group** (a sequence of tensors, or an object with a
+``.cores`` attribute such as a :class:`~tensorsam.tensors.base.FactorizedTensor`) or **a list
+of groups**, and then returns one value per group.  All norms are taken with a single
+``torch._foreach_norm`` over every tensor involved and reduced with segment sums, so nothing
+here synchronises with the host; only :class:`NormTracker` syncs, once per recorded step, when
+it copies its numbers out.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = [
+    "NormTracker",
+    "balancedness",
+    "core_sq_norms",
+    "covariance",
+    "deviation",
+    "global_u",
+    "grad_sq_norms",
+    "norm_deviation",
+    "norm_grad_covariance",
+    "normalizer",
+    "plot",
+    "read_history",
+]
+
+
+# -- input handling --------------------------------------------------------------------------
+def _group(obj, where: str) -> list[torch.Tensor]:
+    cores = getattr(obj, "cores", None)
+    if cores is not None:
+        obj = cores
+    elif hasattr(obj, "params") and not isinstance(obj, torch.Tensor):
+        obj = obj.params
+    if isinstance(obj, torch.Tensor) or not isinstance(obj, Sequence | nn.ParameterList):
+        raise ValueError(f"{where} must be a sequence of tensors, got {type(obj).__name__}")  # noqa: TRY004
+    group = list(obj)
+    if not group:
+        raise ValueError(f"{where} is empty; a group needs at least one core")
+    for k, t in enumerate(group):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{where}, core {k} is a {type(t).__name__}, not a torch.Tensor")  # noqa: TRY004
+    return group
+
+
+def _is_single(obj) -> bool:
+    if getattr(obj, "cores", None) is not None or isinstance(obj, nn.ParameterList):
+        return True
+    if isinstance(obj, Sequence) and len(obj) > 0:
+        return isinstance(obj[0], torch.Tensor)
+    return False
+
+
+def _as_groups(obj) -> tuple[list[list[torch.Tensor]], bool]:
+    """``(groups, single)``: normalise one group or a list of groups to a list of groups."""
+    if _is_single(obj):
+        return [_group(obj, "group")], True
+    if isinstance(obj, torch.Tensor) or not isinstance(obj, Sequence) or len(obj) == 0:
+        raise ValueError("expected one group (a sequence of tensors) or a non-empty list of groups, "
+                         f"got {type(obj).__name__}" + (" of length 0" if isinstance(obj, Sequence) else ""))
+    return [_group(g, f"group {i}") for i, g in enumerate(obj)], False
+
+
+def _grads_like(groups, grads) -> list[list[torch.Tensor]]:
+    """The gradients of ``groups``: ``grads`` if given (same structure), else each core's ``.grad``.
+
+    A core without a gradient counts as an all-zero gradient (gamma_k = 0).
+    """
+    if grads is None:
+        return [[p.grad if p.grad is not None else torch.zeros_like(p) for p in g] for g in groups]
+    gg, _ = _as_groups(grads)
+    if [len(g) for g in gg] != [len(g) for g in groups]:
+        raise ValueError(f"grads have group sizes {[len(g) for g in gg]}; "
+                         f"expected {[len(g) for g in groups]}")
+    for i, (g, c) in enumerate(zip(gg, groups)):
+        for k, (a, b) in enumerate(zip(g, c)):
+            if a.shape != b.shape:
+                raise ValueError(f"group {i}, core {k}: grad shape {tuple(a.shape)} "
+                                 f"!= core shape {tuple(b.shape)}")
+    return gg
+
+
+def _sq_norms(groups: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Squared Frobenius norm of every tensor of every group, flattened in order (no syncs)."""
+    flat = [t.detach() for g in groups for t in g]
+    norms = torch._foreach_norm(flat)
+    dtype = flat[0].dtype
+    for t in flat[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    device = flat[0].device
+    return torch.stack([n.to(device=device, dtype=dtype) for n in norms]).square()
+
+
+def _segments(groups, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(group index of each core, K of each group), as tensors built from Python ints."""
+    sizes = [len(g) for g in groups]
+    index = torch.repeat_interleave(torch.arange(len(sizes), device=device),
+                                    torch.tensor(sizes, device=device))
+    return index, torch.tensor(sizes, device=device)
+
+
+def _segment_sum(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, index, values)
+
+
+def _split(values: torch.Tensor, groups, single: bool):
+    parts = list(values.split([len(g) for g in groups]))
+    return parts[0] if single else parts
+
+
+# -- the formulas, once each -----------------------------------------------------------------
+def deviation(s: torch.Tensor, index: torch.Tensor | None = None, sizes: torch.Tensor | None = None):
+    """Norm deviation Q = sum_k (s_k - s_bar)^2 (Definition 1, Eq. 5) from squared core norms ``s``.
+
+    Equal to (1/2K) sum_{i,j} (s_i - s_j)^2 (Eq. 6).  With ``index``/``sizes`` (group index of each
+    entry, K of each group) it is computed per group and returns one value per group.
+    """
+    if index is None:
+        return (s - s.mean()).square().sum()
+    n = sizes.numel()
+    dev = s - (_segment_sum(s, index, n) / sizes)[index]
+    return _segment_sum(dev.square(), index, n)
+
+
+def covariance(s: torch.Tensor, gamma: torch.Tensor, index: torch.Tensor | None = None,
+               sizes: torch.Tensor | None = None):
+    """Cov(s, gamma) = (1/K) sum_k (s_k - s_bar)(gamma_k - gamma_bar) (Theorem 3).
+
+    Under SAM's gradient flow dQ/dt = 4 rho u K Cov + O(rho^2); under one SGD step
+    Delta Q = 2 eta^2 K Cov + eta^4 sum_k (gamma_k - gamma_bar)^2 (Theorem 1, discrete form).
+    Per group when ``index``/``sizes`` are given (see :func:`deviation`).
+    """
+    if index is None:
+        return ((s - s.mean()) * (gamma - gamma.mean())).mean()
+    n = sizes.numel()
+    ds = s - (_segment_sum(s, index, n) / sizes)[index]
+    dg = gamma - (_segment_sum(gamma, index, n) / sizes)[index]
+    return _segment_sum(ds * dg, index, n) / sizes
+
+
+def normalizer(gamma: torch.Tensor) -> torch.Tensor:
+    """SAM's normalisation u = (sum_j gamma_j)^(-1/2) (Theorem 2; Algorithm 1 divides by ||g||).
+
+    Summed over every core of every group this is the multi-layer u_D (Theorems A.1/A.2).
+    An all-zero gradient gives u = inf.
+    """
+    return gamma.sum().rsqrt()
+
+
+# -- public per-group API --------------------------------------------------------------------
+def core_sq_norms(cores):
+    """s_k = ||G_k||_F^2 for one group (a 1-D tensor of length K) or a list of groups (a list)."""
+    groups, single = _as_groups(cores)
+    return _split(_sq_norms(groups), groups, single)
+
+
+def grad_sq_norms(cores, grads=None):
+    """gamma_k = ||g_k||_F^2, from ``grads`` (same structure as ``cores``) or each core's ``.grad``."""
+    groups, single = _as_groups(cores)
+    return _split(_sq_norms(_grads_like(groups, grads)), groups, single)
+
+
+def _per_group(groups, single, fn, *vectors):
+    if single:
+        return fn(*vectors)
+    index, sizes = _segments(groups, vectors[0].device)
+    return fn(*vectors, index=index, sizes=sizes.to(vectors[0].dtype))
+
+
+def norm_deviation(cores):
+    """Q of one group (0-d tensor) or of each group of a list (1-D tensor); see :func:`deviation`."""
+    groups, single = _as_groups(cores)
+    return _per_group(groups, single, deviation, _sq_norms(groups))
+
+
+def norm_grad_covariance(cores, grads=None):
+    """Cov(s, gamma) of one group or of each group; see :func:`covariance`.
+
+    Gradients come from ``grads`` or the cores' ``.grad`` (a missing grad counts as zero).
+    """
+    groups, single = _as_groups(cores)
+    gamma = _sq_norms(_grads_like(groups, grads))
+    return _per_group(groups, single, covariance, _sq_norms(groups), gamma)
+
+
+def balancedness(x, y) -> torch.Tensor:
+    """BAR's balancedness B = ||x||_F^2 - ||y||_F^2 of a pair (x, y).
+
+    ``x`` and ``y`` are tensors (returns a 0-d tensor) or equal-length sequences of tensors, one
+    entry per pair (returns a 1-D tensor).
+    """
+    if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+        s = _sq_norms([[x, y]])
+        return s[0] - s[1]
+    xs, ys = _group(x, "x"), _group(y, "y")
+    if len(xs) != len(ys):
+        raise ValueError(f"x has {len(xs)} tensors but y has {len(ys)}; pairs must match")
+    s = _sq_norms([xs, ys])
+    return s[: len(xs)] - s[len(xs):]
+
+
+def global_u(groups, grads=None) -> torch.Tensor:
+    """u_D = (sum of gamma over every core of every group)^(-1/2) (Theorems A.1/A.2); a 0-d tensor."""
+    gs, _ = _as_groups(groups)
+    return normalizer(_sq_norms(_grads_like(gs, grads)))
+
+
+# -- tracking --------------------------------------------------------------------------------
+FIELDS = ["step", "group", "K", "Q", "cov", "s_mean", "gamma_mean", "u"]
+
+
+class NormTracker:
+    """Record per-group Q, Cov(s, gamma), mean s, mean gamma and the global u_D during training.
+
+    ``source`` is a model (its groups come from :func:`tensorsam.groups.scale_invariant_groups`),
+    one group, or a list of groups.  Call :meth:`step` once per training step (after
+    ``backward`` so that the gradients are there, e.g. right after ``optimizer.step()`` and before
+    ``zero_grad``), or :meth:`record` with an explicit step number.  Every ``every``-th step it
+
+    - appends one row per group to :attr:`history` (dicts with the keys of :data:`FIELDS`),
+    - appends the same rows to ``path`` as CSV or JSONL (``fmt``, else from the suffix),
+    - logs ``Q/<group>`` etc. to TensorBoard when ``tensorboard`` is true (a log dir or ``True``
+      for ``<path stem>_tb``) and the package is installed; otherwise it warns once and skips.
+
+    Host synchronisation: computing the numbers is sync-free, but each *recorded* step copies them
+    to the host once (one ``.tolist()``); steps that are not recorded cost nothing.
+    """
+
+    def __init__(self, source, every: int = 1, path: str | os.PathLike | None = None,
+                 fmt: str | None = None, tensorboard: bool | str = False,
+                 names: Sequence[str] | None = None, append: bool = False):
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive int, got {every!r}")
+        if isinstance(source, nn.Module) and getattr(source, "cores", None) is None:
+            from tensorsam.groups import scale_invariant_groups
+
+            source = scale_invariant_groups(source)
+            if names is None:
+                names = [getattr(g, "name", None) or f"g{i}" for i, g in enumerate(source)]
+        self.groups, _ = _as_groups(source)
+        self.names = list(names) if names is not None else [f"g{i}" for i in range(len(self.groups))]
+        if len(self.names) != len(self.groups):
+            raise ValueError(f"got {len(self.names)} names for {len(self.groups)} groups")
+        self.every = every
+        self.history: list[dict] = []
+        self._t = 0
+        self.path = Path(path) if path is not None else None
+        self.fmt = None
+        if self.path is not None:
+            self.fmt = (fmt or self.path.suffix.lstrip(".")).lower()
+            if self.fmt == "json":
+                self.fmt = "jsonl"
+            if self.fmt not in ("csv", "jsonl"):
+                raise ValueError(f"fmt must be 'csv' or 'jsonl', got {fmt or self.path.suffix!r}")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not append or not self.path.exists():
+                self.path.write_text(",".join(FIELDS) + "\n" if self.fmt == "csv" else "")
+        elif fmt is not None:
+            raise ValueError("fmt given without a path")
+        self._tb = self._open_tensorboard(tensorboard)
+        index, sizes = _segments(self.groups, self.groups[0][0].device)
+        self._index, self._sizes = index, sizes
+
+    def _open_tensorboard(self, tensorboard):
+        if not tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # the tensorboard package is optional
+            warnings.warn("tensorboard is not installed; NormTracker logs to files only", stacklevel=3)
+            return None
+        logdir = tensorboard if isinstance(tensorboard, str | os.PathLike) else (
+            str(self.path.with_suffix("")) + "_tb" if self.path is not None else None)
+        return SummaryWriter(log_dir=logdir)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """Per-group tensors Q, cov, s_mean, gamma_mean (length = number of groups) and u (0-d);
+        no host sync."""
+        s = _sq_norms(self.groups)
+        gamma = _sq_norms(_grads_like(self.groups, None))
+        sizes = self._sizes.to(s.dtype)
+        n = sizes.numel()
+        return {
+            "Q": deviation(s, self._index, sizes),
+            "cov": covariance(s, gamma, self._index, sizes),
+            "s_mean": _segment_sum(s, self._index, n) / sizes,
+            "gamma_mean": _segment_sum(gamma, self._index, n) / sizes,
+            "u": normalizer(gamma),
+        }
+
+    def record(self, step: int, force: bool = False) -> list[dict] | None:
+        """Record at ``step`` if it is a multiple of ``every`` (or ``force``); returns the new rows."""
+        if not force and step % self.every:
+            return None
+        vals = self.compute()
+        u = vals.pop("u")
+        packed = torch.cat([torch.stack(list(vals.values())), u.expand(1, len(self.groups))])
+        table = packed.double().cpu().tolist()  # the one host sync of a recorded step
+        rows = []
+        for i, name in enumerate(self.names):
+            row = {"step": int(step), "group": name, "K": len(self.groups[i])}
+            row.update({key: table[j][i] for j, key in enumerate(vals)})
+            row["u"] = table[-1][i]
+            rows.append(row)
+        self.history.extend(rows)
+        self._write(rows)
+        return rows
+
+    def step(self) -> list[dict] | None:
+        """Advance the internal step counter (starting at 0) and record when it is due."""
+        rows = self.record(self._t)
+        self._t += 1
+        return rows
+
+    def _write(self, rows: list[dict]) -> None:
+        if self.path is not None:
+            with self.path.open("a", newline="") as fh:
+                if self.fmt == "csv":
+                    csv.DictWriter(fh, FIELDS).writerows(rows)
+                else:
+                    fh.writelines(json.dumps(r) + "\n" for r in rows)
+        if self._tb is not None:
+            for r in rows:
+                for key in ("Q", "cov", "s_mean", "gamma_mean"):
+                    self._tb.add_scalar(f"{key}/{r['group']}", r[key], r["step"])
+            self._tb.add_scalar("u", rows[0]["u"], rows[0]["step"])
+
+    def column(self, key: str, group: str | int = 0) -> list[float]:
+        """The recorded values of ``key`` for one group (by name or position), in step order."""
+        if key not in FIELDS:
+            raise ValueError(f"unknown column {key!r}; expected one of {FIELDS}")
+        name = self.names[group] if isinstance(group, int) else group
+        if name not in self.names:
+            raise ValueError(f"unknown group {group!r}; known groups: {self.names}")
+        return [r[key] for r in self.history if r["group"] == name]
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_history(path: str | os.PathLike) -> list[dict]:
+    """Rows written by :class:`NormTracker` (CSV or JSONL), with numbers parsed."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no norm-tracker file at {path}")
+    if path.suffix == ".csv":
+        with path.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        for r in rows:
+            for key in FIELDS:
+                if key != "group":
+                    r[key] = int(r[key]) if key in ("step", "K") else float(r[key])
+        return rows
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot(history: Sequence[dict] | str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Draw Q (log scale) and Cov(s, gamma) against step, one line per group, to ``path`` (Agg).
+
+    ``history`` is :attr:`NormTracker.history` or a file it wrote.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = read_history(history) if isinstance(history, str | os.PathLike) else list(history)
+    if not rows:
+        raise ValueError("history is empty; nothing to plot")
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_q, ax_c = fig.subplots(1, 2)
+    for name in dict.fromkeys(r["group"] for r in rows):
+        sel = [r for r in rows if r["group"] == name]
+        steps = [r["step"] for r in sel]
+        ax_q.plot(steps, [r["Q"] for r in sel], label=str(name))
+        ax_c.plot(steps, [r["cov"] for r in sel], label=str(name))
+    if all(r["Q"] > 0 and math.isfinite(r["Q"]) for r in rows):
+        ax_q.set_yscale("log")
+    ax_q.set(xlabel="step", ylabel="norm deviation Q (Eq. 5)")
+    ax_c.set(xlabel="step", ylabel="Cov(s, γ) (Theorem 3)")
+    ax_c.axhline(0.0, color="grey", lw=0.5)
+    if len({r["group"] for r in rows}) <= 12:
+        ax_q.legend(fontsize="small")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    fig.savefig(tmp, format=out.suffix.lstrip(".") or "png")
+    os.replace(tmp, out)
+    return out
