@@ -590,7 +590,9 @@ class Loop:
 _RESERVED = ("task", "config", "runs", "provenance", "wall_seconds")
 
 
-def write_results(path, *, task: str, config, runs: list[dict], extra: dict | None = None, started: float) -> dict:
+def write_results(
+    path, *, task: str, config, runs: list[dict], extra: dict | None = None, started: float
+) -> dict:
     """Atomically write a results JSON and return the dict written.
 
     Layout: ``{"task", "config", "runs", "provenance", "wall_seconds", **extra}``.
