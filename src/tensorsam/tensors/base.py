@@ -46,7 +46,7 @@ def validate_shape(shape, name: str = "shape") -> tuple[int, ...]:
         shape = (shape,)
     try:
         out = tuple(int(s) for s in shape)
-    except TypeError:
+    except (TypeError, ValueError):
         raise ValueError(f"{name} must be a sequence of positive ints, got {shape!r}") from None
     if len(out) == 0 or any(s <= 0 for s in out):
         raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {shape!r}")
@@ -67,7 +67,7 @@ def validate_rank(rank, length: int, name: str = "rank", form: str = "") -> tupl
     else:
         try:
             ranks = tuple(int(r) for r in rank)
-        except TypeError:
+        except (TypeError, ValueError):
             raise ValueError(f"{name} must be {expected}, got {rank!r}") from None
         if len(ranks) != length:
             raise ValueError(f"{name} has {len(ranks)} entries; expected {expected}, got {rank!r}")

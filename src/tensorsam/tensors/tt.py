@@ -55,6 +55,9 @@ class TT(FactorizedTensor):
         supports are capped by the SVD, so the result's ``rank`` may be smaller than asked."""
         tensor = check_dense(tensor)
         ranks = validate_rank(rank, tensor.ndim - 1, form=TT_RANK_FORM)
+        if tensor.ndim == 1:  # a single core; tensorly's TT-SVD needs two modes
+            return cls(tensor.shape, (), dtype=tensor.dtype, device=tensor.device).load_cores(
+                [tensor.reshape(1, -1, 1)])
         with tensorly_pytorch():
             cores = tensor_train(tensor, [1, *ranks, 1], svd=svd, random_state=random_state).factors
         return cls(tensor.shape, inner_ranks(cores), dtype=tensor.dtype, device=tensor.device).load_cores(cores)
