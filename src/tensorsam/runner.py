@@ -336,6 +336,12 @@ def atomic_write_json(path, obj) -> None:
     _atomic_write(path, lambda fh: fh.write(data))
 
 
+def atomic_write_text(path, text: str) -> None:
+    """Write ``text`` (UTF-8) through a temporary file and ``os.replace``."""
+    data = text.encode()
+    _atomic_write(path, lambda fh: fh.write(data))
+
+
 def atomic_torch_save(obj, path) -> None:
     """``torch.save`` through a temporary file and ``os.replace``."""
     _atomic_write(path, lambda fh: torch.save(obj, fh))

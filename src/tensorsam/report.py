@@ -1,0 +1,261 @@
+"""Render results files (written by :func:`tensorsam.runner.write_results`) as Markdown.
+
+For each results file (or, with ``pool=True``, each task pooled over files) the report has
+
+- the paper's Table 1 layout: a row per metric, a column per method;
+- the same numbers with a row per method and a column per metric (training and held-out
+  metrics side by side).
+
+Each cell is ``mean ± std (n)`` over the runs of that method (usually one per seed), with the
+sample standard deviation (ddof = 1).  Non-finite values are left out of the statistics and
+the cell then shows ``(k of n)``.  Figures come from ``tensorsam.tasks.<task>.figures`` when
+the task module provides one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from .runner import atomic_write_text
+
+# preferred column order; other numeric metrics follow alphabetically
+METRIC_ORDER = (
+    "train_r2",
+    "heldout_r2",
+    "train_r2_uncentred",
+    "heldout_r2_uncentred",
+    "train_uncentred_r2",
+    "heldout_uncentred_r2",
+    "train_rmse",
+    "heldout_rmse",
+    "val_r2",
+    "val_rmse",
+    "wall_seconds",
+)
+# numeric run fields that identify a run rather than measure it
+NOT_METRICS = frozenset({"seed", "mask_seed", "iterations", "total_iterations"})
+GROUP_KEYS = ("method", "name", "label")
+
+
+def load_results(path) -> dict:
+    """Read one results file; a missing file or one that is not a results file is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"results file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"results file {path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("runs"), list):
+        raise ValueError(f"{path} is not a tensorsam results file (no list of 'runs')")  # noqa: TRY004
+    if not all(isinstance(r, dict) for r in data["runs"]):
+        raise ValueError(f"results file {path}: every entry of 'runs' must be an object")
+    data.setdefault("task", "unknown")
+    return data
+
+
+def metric_label(key: str) -> str:
+    """Human label of a metric key: ``heldout_r2_uncentred`` -> ``held-out R² (uncentred)``."""
+    if key == "wall_seconds":
+        return "wall s"
+    words = key.split("_")
+    uncentred = "uncentred" in words
+    words = [w for w in words if w != "uncentred"]
+    names = {"heldout": "held-out", "r2": "R²", "rmse": "RMSE", "mse": "MSE", "val": "validation"}
+    label = " ".join(names.get(w, w) for w in words)
+    return f"{label} (uncentred)" if uncentred else label
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _group_of(run: dict) -> str:
+    for key in GROUP_KEYS:
+        if key in run:
+            return str(run[key])
+    return "run"
+
+
+def metric_keys(runs: Sequence[dict]) -> list[str]:
+    """Numeric run fields to tabulate, in :data:`METRIC_ORDER` then alphabetical order."""
+    found = {k for r in runs for k, v in r.items() if _is_number(v) and k not in NOT_METRICS and k[:1] != "_"}
+    ordered = [k for k in METRIC_ORDER if k in found]
+    return ordered + sorted(found - set(ordered))
+
+
+def summarize(runs: Sequence[dict]) -> tuple[list[str], list[str], dict]:
+    """Group runs by method; return (methods, metrics, {(method, metric): (mean, std, k, n)}).
+
+    ``k`` counts the finite values used, ``n`` the method's runs; ``std`` is the sample
+    standard deviation (NaN when k < 2).
+    """
+    methods: list[str] = []
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        m = _group_of(run)
+        if m not in groups:
+            methods.append(m)
+            groups[m] = []
+        groups[m].append(run)
+    metrics = metric_keys(runs)
+    stats = {}
+    for m in methods:
+        for key in metrics:
+            vals = [float(r[key]) for r in groups[m] if _is_number(r.get(key)) and math.isfinite(r[key])]
+            k = len(vals)
+            mean = sum(vals) / k if k else math.nan
+            std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (k - 1)) if k > 1 else math.nan
+            stats[(m, key)] = (mean, std, k, len(groups[m]))
+    return methods, metrics, stats
+
+
+def format_cell(mean: float, std: float, k: int, n: int) -> str:
+    """``mean ± std (k)``: decimals follow two significant digits of the std."""
+    if k == 0:
+        return f"– (0 of {n})"
+    if math.isfinite(std) and std <= 1e-12 * max(1.0, abs(mean)):  # identical up to rounding
+        std = 0.0
+    if math.isfinite(std) and std > 0:
+        decimals = min(max(1 - math.floor(math.log10(std)), 0), 8)
+        text = f"{mean:.{decimals}f} ± {std:.{decimals}f}"
+    elif math.isfinite(std):  # identical values
+        text = f"{mean:.6g} ± 0"
+    else:
+        text = f"{mean:.6g}"
+    count = f"({k})" if k == n else f"({k} of {n})"
+    return f"{text} {count}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def tables(runs: Sequence[dict]) -> str:
+    """Both layouts of one group of runs as Markdown."""
+    methods, metrics, stats = summarize(runs)
+    if not runs or not metrics:
+        return "_No numeric metrics in these runs._"
+    paper = _table(
+        ["metric", *methods],
+        [[metric_label(key)] + [format_cell(*stats[(m, key)]) for m in methods] for key in metrics],
+    )
+    per_method = _table(
+        ["method", *(metric_label(k) for k in metrics)],
+        [[m] + [format_cell(*stats[(m, key)]) for key in metrics] for m in methods],
+    )
+    return (
+        "Paper's Table 1 layout (rows: metrics; cells: mean ± std over runs, (number of runs)):\n\n"
+        f"{paper}\n\nPer method:\n\n{per_method}"
+    )
+
+
+def _summary_line(results: dict) -> str:
+    runs = results["runs"]
+    seeds = sorted(
+        {r["seed"] for r in runs if "seed" in r},
+        key=lambda s: (not _is_number(s), s if _is_number(s) else str(s)),
+    )
+    prov = results.get("provenance") or {}
+    parts = [f"task `{results['task']}`", f"{len(runs)} runs"]
+    if seeds:
+        parts.append("seeds " + ", ".join(str(s) for s in seeds))
+    if _is_number(results.get("wall_seconds")):
+        parts.append(f"wall {results['wall_seconds']:.1f} s")
+    if prov.get("git_commit"):
+        parts.append(f"commit `{str(prov['git_commit'])[:10]}`")
+    if prov.get("device"):
+        parts.append(f"device {prov['device']}")
+    return "; ".join(parts)
+
+
+def _config_block(config) -> str:
+    if not config:
+        return ""
+    import yaml
+
+    body = yaml.safe_dump(config, sort_keys=True, default_flow_style=None, allow_unicode=True).rstrip()
+    return f"<details><summary>config</summary>\n\n```yaml\n{body}\n```\n\n</details>"
+
+
+def task_figures(results: dict, out_dir: Path) -> list[Path]:
+    """Call ``tensorsam.tasks.<task>.figures(results, out_dir)`` if that function exists."""
+    task = str(results.get("task", ""))
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", task):
+        return []
+    name = f"tensorsam.tasks.{task}"
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name in (name, "tensorsam.tasks"):
+            return []
+        raise
+    fn = getattr(module, "figures", None)
+    if fn is None:
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [Path(p) for p in (fn(results, out_dir) or [])]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "results"
+
+
+def make_report(
+    paths: Sequence, out_dir=None, *, pool: bool = False, figures: bool = True
+) -> tuple[Path, str]:
+    """Write ``out_dir/report.md`` for the results files ``paths``; return its path and text.
+
+    ``out_dir`` defaults to the folder of the first file.  With ``pool=True`` the runs of all
+    files with the same task are tabulated together.
+    """
+    if not paths:
+        raise ValueError("give at least one results file")
+    paths = [Path(p) for p in paths]
+    loaded = [load_results(p) for p in paths]
+    out_dir = Path(out_dir) if out_dir is not None else paths[0].parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    sections: list[tuple[str, list[dict], list[tuple[Path, dict]]]] = []
+    if pool:
+        by_task: dict[str, list[tuple[Path, dict]]] = {}
+        for p, res in zip(paths, loaded):
+            by_task.setdefault(str(res["task"]), []).append((p, res))
+        for task, items in by_task.items():
+            runs = [r for _, res in items for r in res["runs"]]
+            sections.append((f"{task} (pooled over {len(items)} files)", runs, items))
+    else:
+        sections = [(f"{res['task']}: {p}", res["runs"], [(p, res)]) for p, res in zip(paths, loaded)]
+
+    used: set[str] = set()
+    lines = ["# tensorsam report", ""]
+    for title, runs, items in sections:
+        lines += [f"## {title}", ""]
+        for p, res in items:
+            lines += [f"- `{p}`: {_summary_line(res)}"]
+        lines += ["", tables(runs), ""]
+        for p, res in items:
+            block = _config_block(res.get("config"))
+            if block:
+                lines += [block, ""]
+            if not figures:
+                continue
+            slug = _slug(f"{p.parent.name}-{p.stem}")
+            while slug in used:
+                slug += "-1"
+            used.add(slug)
+            for fig in task_figures(res, out_dir / "figures" / slug):
+                rel = Path(os.path.relpath(fig.resolve(), out_dir.resolve())).as_posix()
+                lines += [f"![{fig.stem}]({rel})", ""]
+    text = "\n".join(lines).rstrip() + "\n"
+    target = out_dir / "report.md"
+    atomic_write_text(target, text)
+    return target, text
