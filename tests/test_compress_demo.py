@@ -1,0 +1,38 @@
+import torch
+
+from tensorsam.cli import main
+from tensorsam.commands.compress_demo import FORMAT_ORDER, compress_weight, structured_weight
+from tensorsam.tensors import balanced_factors
+
+
+def test_compress_weight_every_format_and_exact_at_full_rank():
+    w = structured_weight(12, 18, seed=1)
+    in_modes, out_modes = balanced_factors(18, 2), balanced_factors(12, 2)
+    rows = compress_weight(w, in_modes, out_modes, [1, 12])
+    assert {r["format"] for r in rows} == set(FORMAT_ORDER)
+    by = {(r["format"], r["rank"]): r for r in rows}
+    for fmt in ("tucker", "tt", "ttm"):  # rank 12 is full for these modes
+        assert by[fmt, 12]["error"] < 1e-10
+        assert by[fmt, 1]["error"] > 0.1  # rank 1 cannot hold a rank-8 weight
+    assert by["cp", 12]["error"] < by["cp", 1]["error"]
+    assert by["tt", 1]["params"] == 3 + 6 + 4 + 3 and by["tt", 1]["ratio"] == 216 / 16
+
+
+def test_structured_weight_is_structured():
+    s = torch.linalg.svdvals(structured_weight(64, 48, seed=0))
+    assert s[8:].square().sum() / s.square().sum() < 0.01  # rank-8 signal, 5% noise
+
+
+def test_cli_prints_table(capsys):
+    assert main(["compress-demo", "--in-features", "16", "--out-features", "12", "--ranks", "2", "3",
+                 "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    for name in ("dense", "CP", "Tucker", "TT", "TTM", "TR", "rel. error"):
+        assert name in out
+    assert "192" in out  # dense parameter count
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    assert main(["compress-demo", "--in-features", "0"]) == 2
+    assert main(["compress-demo", "--formats", "hss"]) == 2
+    assert "unknown tensor format" in capsys.readouterr().err
