@@ -1,0 +1,116 @@
+"""Scale-invariant groups: the single place that knows which parameters belong together.
+
+A group is one ordered list of parameters composed multilinearly, so that scaling them by
+c_1..c_K with prod c_k = 1 leaves the model unchanged (SPEC §1).  Discovery walks a model:
+
+- every :class:`~tensorsam.tensors.base.FactorizedTensor` (a bare format, or inside a
+  tensorized layer or tensor adapter) gives the group of its ``cores``, in order;
+- every LoRA layer of a HuggingFace peft model gives one (lora_A, lora_B) pair per adapter
+  (also the embedding variant ``lora_embedding_A``/``lora_embedding_B``);
+- any module may declare its own groups by defining ``scale_invariant_groups()`` returning
+  lists of ``(name, parameter)`` pairs; its submodules are then not searched.
+
+Only groups whose parameters all require gradients are returned (inactive peft adapters and
+frozen layers are left out).  Bias, normalisation and dense parameters are in no group.
+Optimizers (``tensorsam.optim``) take the result, or the model itself, as ``groups=``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from tensorsam.tensors.base import FactorizedTensor
+
+
+@dataclass(frozen=True)
+class Group:
+    """One scale-invariant group: its parameters in order, their qualified names, the kind
+    (``'factorized'``, ``'lora'`` or ``'custom'``) and the owning module's name."""
+
+    names: tuple[str, ...]
+    params: tuple[nn.Parameter, ...]
+    kind: str
+    module: str
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+
+def _lora_layer_type():
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # peft is optional
+        return None
+    return LoraLayer
+
+
+def _lora_pairs(name: str, module) -> list[Group]:
+    """(A, B) per adapter of a peft LoRA layer, in adapter order."""
+    out = []
+    for a_attr, b_attr, suffix in (("lora_A", "lora_B", ".weight"),
+                                   ("lora_embedding_A", "lora_embedding_B", "")):
+        a_dict, b_dict = getattr(module, a_attr, None), getattr(module, b_attr, None)
+        if a_dict is None or b_dict is None:
+            continue
+        for adapter in a_dict:
+            if adapter not in b_dict:
+                continue
+            a, b = a_dict[adapter], b_dict[adapter]
+            a = getattr(a, "weight", a)
+            b = getattr(b, "weight", b)
+            prefix = f"{name}." if name else ""
+            out.append(Group((f"{prefix}{a_attr}.{adapter}{suffix}", f"{prefix}{b_attr}.{adapter}{suffix}"),
+                             (a, b), "lora", name))
+    return out
+
+
+def named_scale_invariant_groups(model: nn.Module) -> list[Group]:
+    """All scale-invariant groups of ``model`` as :class:`Group` records (see module docs)."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")  # noqa: TRY004
+    lora_type = _lora_layer_type()
+    found: list[Group] = []
+    skip_prefixes: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p) for p in skip_prefixes):
+            continue
+        custom = getattr(module, "scale_invariant_groups", None)
+        if callable(custom) and not isinstance(module, FactorizedTensor):
+            prefix = f"{name}." if name else ""
+            for grp in custom():
+                grp = list(grp)
+                found.append(Group(tuple(prefix + n for n, _ in grp), tuple(p for _, p in grp),
+                                   "custom", name))
+            skip_prefixes.append(prefix if name else "")
+            continue
+        if isinstance(module, FactorizedTensor):
+            prefix = f"{name}." if name else ""
+            found.append(Group(tuple(f"{prefix}cores.{i}" for i in range(len(module.cores))),
+                               tuple(module.cores), "factorized", name))
+        elif lora_type is not None and isinstance(module, lora_type):
+            found.extend(_lora_pairs(name, module))
+    seen: set[int] = set()
+    out = []
+    for g in found:
+        if not all(p.requires_grad for p in g.params):
+            continue
+        ids = [id(p) for p in g.params]
+        if any(i in seen for i in ids):
+            raise ValueError(f"parameter {g.names} found in two scale-invariant groups")
+        seen.update(ids)
+        out.append(g)
+    return out
+
+
+def scale_invariant_groups(model: nn.Module) -> list[list[nn.Parameter]]:
+    """The scale-invariant groups of ``model``, each an ordered list of parameters.
+
+    Example::
+
+        model = tensorsam.nn.tensorize(resnet, format="tr", rank=15)
+        groups = scale_invariant_groups(model)    # one group per tensorized conv
+        opt = DAS(model.parameters(), torch.optim.SGD, groups=groups, alpha=0.1, lr=0.1)
+    """
+    return [list(g.params) for g in named_scale_invariant_groups(model)]

@@ -1,0 +1,273 @@
+"""What every tensorsam optimizer shares: wrapping a base ``torch.optim`` optimizer.
+
+A wrapper is a real :class:`torch.optim.Optimizer` whose ``param_groups`` *are* the base
+optimizer's (the same list of the same dicts), so LR schedulers attached to the wrapper
+change the base learning rate, and hyperparameters of the wrapper (``rho``, ``alpha``) live
+in those dicts next to ``lr``.  ``state_dict`` holds the wrapper's own state, the base
+optimizer's state dict under ``"base"`` and python counters under ``"wrapper"``.
+
+Per-tensor work has a plain path (a python loop of per-tensor ops) and a multi-tensor path
+(``torch._foreach_*``); ``foreach=None`` picks the multi-tensor path.  Neither reads a
+tensor value on the host: branches are ``torch.where`` on device tensors.
+
+Grouped scalings (DAS, BAR, Rebalance) see the groups as one flat list of cores plus a
+segment index ``seg`` (core -> group) and the group sizes ``counts``, so every group is
+handled in the same few vectorised ops instead of a python loop per group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+
+def resolve_foreach(foreach: bool | None) -> bool:
+    """``None`` means the multi-tensor path: it runs on every device and saves python loops."""
+    if foreach is not None and not isinstance(foreach, bool):
+        raise ValueError(f"foreach must be True, False or None, got {foreach!r}")
+    return True if foreach is None else foreach
+
+
+def norms(tensors: Sequence[torch.Tensor], foreach: bool) -> torch.Tensor:
+    """1-D tensor of the Frobenius norms of ``tensors`` (on the first tensor's device)."""
+    if foreach:
+        out = torch._foreach_norm(list(tensors))
+    else:
+        out = [torch.linalg.vector_norm(t) for t in tensors]
+    dev = out[0].device
+    return torch.stack([n.to(dev) for n in out])
+
+
+def scale_(tensors: Sequence[torch.Tensor], factors: torch.Tensor, foreach: bool) -> None:
+    """tensors[i] *= factors[i], in place (``factors`` is 1-D, one entry per tensor)."""
+    fs = factors.unbind()
+    if foreach:
+        torch._foreach_mul_(list(tensors), list(fs))
+    else:
+        for t, f in zip(tensors, fs):
+            t.mul_(f)
+
+
+def segment_sum(values: torch.Tensor, seg: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Per-group sums of per-core ``values`` (``seg[k]`` is the group of core k)."""
+    return torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(0, seg, values)
+
+
+def _param_list(params) -> list[torch.Tensor]:
+    out = []
+    for item in params:
+        if isinstance(item, dict):
+            ps = item["params"]
+            out.extend([ps] if isinstance(ps, torch.Tensor) else list(ps))
+        else:
+            out.append(item)
+    return out
+
+
+class WrappedOptimizer(torch.optim.Optimizer):
+    """Base class: wraps ``base_optimizer`` (a class built on ``params`` with ``**kwargs``, or
+    an instance, in which case ``params`` may be ``None`` or must be the same parameters).
+
+    ``defaults`` are the wrapper's own per-group hyperparameters; they are added to every
+    base param group that lacks them.  ``skip_nonfinite=True`` makes :meth:`step` check the
+    gradients once (one host sync, see :meth:`grads_finite`) and, if any is non-finite, leave
+    every parameter and all optimizer state untouched; ``skipped_steps`` counts such steps.
+    """
+
+    def __init__(self, params, base_optimizer, defaults: dict, *, foreach: bool | None = None,
+                 skip_nonfinite: bool = False, **kwargs):
+        if isinstance(base_optimizer, torch.optim.Optimizer):
+            if kwargs:
+                raise ValueError(f"keyword arguments {sorted(kwargs)} are for building a base optimizer, "
+                                 "but base_optimizer is already an instance")
+            base = base_optimizer
+            if params is not None:
+                given = {id(p) for p in _param_list(params)}
+                owned = {id(p) for g in base.param_groups for p in g["params"]}
+                if given != owned:
+                    raise ValueError("params differ from the parameters of the given base_optimizer "
+                                     "instance; pass params=None or the same parameters")
+        elif isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
+            if params is None:
+                raise ValueError("params is required when base_optimizer is a class")
+            base = base_optimizer(params, **kwargs)
+        else:
+            msg = f"base_optimizer must be a torch.optim.Optimizer subclass or instance, got {base_optimizer!r}"
+            raise ValueError(msg)  # noqa: TRY004
+        if not isinstance(skip_nonfinite, bool):
+            raise ValueError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")  # noqa: TRY004
+        self.base_optimizer = base
+        self.foreach = resolve_foreach(foreach)
+        self.skip_nonfinite = skip_nonfinite
+        self.skipped_steps = 0
+        self._step = 0
+        self._initialising = True
+        super().__init__(base.param_groups, defaults)  # adds our defaults to the shared dicts
+        self._initialising = False
+        self.param_groups = base.param_groups
+        self.defaults.update({k: v for k, v in base.defaults.items() if k not in self.defaults})
+
+    # -- param groups and state ---------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "_initialising", True):
+            return super().add_param_group(param_group)
+        self.base_optimizer.add_param_group(param_group)
+        for k, v in self.defaults.items():
+            self.param_groups[-1].setdefault(k, v)
+
+    def _extra_state(self) -> dict:
+        """Python-side state saved under ``"wrapper"`` (counters)."""
+        return {"step": self._step, "skipped_steps": self.skipped_steps}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        self._step = int(extra.get("step", 0))
+        self.skipped_steps = int(extra.get("skipped_steps", 0))
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["base"] = self.base_optimizer.state_dict()
+        sd["wrapper"] = self._extra_state()
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not isinstance(state_dict, dict) or "base" not in state_dict:
+            raise ValueError("not a tensorsam optimizer state dict: the 'base' entry (the base "
+                             "optimizer's state) is missing")
+        sd = dict(state_dict)
+        base_sd = sd.pop("base")
+        extra = sd.pop("wrapper", {})
+        self.base_optimizer.load_state_dict(base_sd)
+        super().load_state_dict(sd)
+        self.param_groups = self.base_optimizer.param_groups
+        self._load_extra_state(extra)
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _params_with_grad(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+    @torch.no_grad()
+    def grads_finite(self) -> bool:
+        """True when every gradient is finite.
+
+        This is the ONE host-device synchronisation of ``skip_nonfinite=True`` (one ``.item()``
+        on a single flag per step); nothing else in a step reads device values.
+        """
+        grads = [p.grad for p in self._params_with_grad()]
+        if not grads:
+            return True
+        return bool(torch.isfinite(norms(grads, self.foreach)).all().item())
+
+    def _skip_this_step(self) -> bool:
+        """With ``skip_nonfinite``: check the gradients once; count and report a skipped step."""
+        if self.skip_nonfinite and not self.grads_finite():
+            self.skipped_steps += 1
+            return True
+        return False
+
+    def _mark_stepped(self) -> None:
+        # tells LR schedulers that optimizer.step() ran (set by torch's own step wrapper too)
+        self._opt_called = True
+
+
+def lr_alpha_per_core(param_groups: list[dict], group_index: Sequence[int], alpha_factor: float,
+                      like: torch.Tensor) -> torch.Tensor:
+    """1-D tensor eta_k * alpha_k(t) for each core, built on the device without host copies.
+
+    ``group_index[k]`` is the param group of core k; eta_k is its current (scheduled) ``lr``
+    and alpha_k its ``alpha`` times the schedule's factor ``alpha_factor``.  Runs of cores in
+    the same param group become one ``torch.full``.
+    """
+    parts, start = [], 0
+    n = len(group_index)
+    while start < n:
+        gi = group_index[start]
+        end = start
+        while end < n and group_index[end] == gi:
+            end += 1
+        g = param_groups[gi]
+        value = g["lr"] * g["alpha"] * alpha_factor
+        if isinstance(value, torch.Tensor):
+            parts.append(value.to(like).reshape(1).expand(end - start))
+        else:
+            parts.append(torch.full((end - start,), value, dtype=like.dtype, device=like.device))
+        start = end
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class GroupPlan:
+    """The groups of one optimizer as flat cores + segment index (built once, reused)."""
+
+    def __init__(self, groups: list[list[nn.Parameter]], param_groups: list[dict]):
+        where = {id(p): i for i, g in enumerate(param_groups) for p in g["params"]}
+        self.groups = groups
+        self.cores = [p for grp in groups for p in grp]
+        self.group_index = [where[id(p)] for p in self.cores]
+        self.n_groups = len(groups)
+        self._seg: dict = {}
+
+    def seg_counts(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(seg, counts) on ``device``: cached, so the host copy happens once per device."""
+        key = str(device)
+        if key not in self._seg:
+            seg = torch.tensor([i for i, grp in enumerate(self.groups) for _ in grp], device=device)
+            counts = torch.tensor([len(grp) for grp in self.groups], device=device)
+            self._seg[key] = (seg, counts)
+        return self._seg[key]
+
+    def with_grads(self) -> GroupPlan | None:
+        """This plan restricted to groups whose cores all have a gradient (``None`` if none)."""
+        keep = [grp for grp in self.groups if all(p.grad is not None for p in grp)]
+        if len(keep) == len(self.groups):
+            return self
+        if not keep:
+            return None
+        sub = GroupPlan.__new__(GroupPlan)
+        sub.groups = keep
+        sub.cores = [p for grp in keep for p in grp]
+        pos = {id(p): i for i, p in enumerate(self.cores)}
+        sub.group_index = [self.group_index[pos[id(p)]] for p in sub.cores]
+        sub.n_groups = len(keep)
+        sub._seg = {}
+        return sub
+
+
+def resolve_groups(groups, params_owned: Iterable[torch.Tensor], what: str = "groups",
+                   size: int | None = None) -> list[list[nn.Parameter]]:
+    """Check user groups: a model (discovered with ``scale_invariant_groups``) or lists of params.
+
+    Every grouped parameter must be one of ``params_owned`` and appear in one group only;
+    ``size`` (e.g. 2 for BAR pairs) fixes the number of cores per group.
+    """
+    if groups is None:
+        raise ValueError(f"{what} is required: pass a model (groups are then discovered) or a list "
+                         "of parameter lists")
+    if isinstance(groups, nn.Module):
+        from tensorsam.groups import scale_invariant_groups
+
+        groups = scale_invariant_groups(groups)
+    out = []
+    try:
+        groups = [list(g) for g in groups]
+    except TypeError:
+        raise ValueError(f"{what} must be a model or a list of parameter lists, got {groups!r}") from None
+    owned = {id(p) for p in params_owned}
+    seen: set[int] = set()
+    for i, grp in enumerate(groups):
+        if not grp:
+            raise ValueError(f"{what}[{i}] is empty")
+        if size is not None and len(grp) != size:
+            raise ValueError(f"{what}[{i}] has {len(grp)} parameters; expected {size} (an (x, y) pair)")
+        for p in grp:
+            if not isinstance(p, torch.Tensor):
+                raise ValueError(f"{what}[{i}] holds {type(p).__name__}, not a parameter tensor")  # noqa: TRY004
+            if id(p) not in owned:
+                raise ValueError(f"{what}[{i}] holds a parameter of shape {tuple(p.shape)} that is not "
+                                 "among the optimizer's params")
+            if id(p) in seen:
+                raise ValueError(f"{what}[{i}] holds a parameter of shape {tuple(p.shape)} that is "
+                                 "already in another group")
+            seen.add(id(p))
+        out.append(grp)
+    return out

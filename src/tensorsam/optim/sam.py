@@ -1,0 +1,248 @@
+"""SAM and ASAM (Algorithm 1 of the DAS paper; SPEC §3), wrapping any base optimizer."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from tensorsam.optim.base import WrappedOptimizer, norms
+
+
+@contextlib.contextmanager
+def disable_running_stats(model: nn.Module):
+    """Keep BatchNorm (and other running-stat norm layers) from updating their running
+    statistics, e.g. during SAM's perturbed pass.
+
+    Inside the block every such module in training mode normalises with batch statistics as
+    usual but leaves ``running_mean``, ``running_var`` and ``num_batches_tracked`` exactly as
+    they were (``track_running_stats`` is switched off and restored afterwards)::
+
+        loss_fn(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        with disable_running_stats(model):
+            loss_fn(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+    """
+    mods = [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+    for m in mods:
+        m.track_running_stats = False
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.track_running_stats = True
+
+
+def sam_scale(total_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Algorithm 1, step 2: the factor 1/||g|| of e = rho * g / ||g|| (ASAM: 1/|| |w| * g ||),
+    and whether the first-pass gradient was finite.
+
+    A zero or non-finite norm gives the factor 0, hence no perturbation and never NaN.
+    """
+    finite = torch.isfinite(total_norm)
+    ok = finite & (total_norm > 0)
+    inv = torch.where(ok, 1.0 / torch.where(ok, total_norm, torch.ones_like(total_norm)),
+                      torch.zeros_like(total_norm))
+    return inv, finite
+
+
+class SAM(WrappedOptimizer):
+    r"""Sharpness-Aware Minimisation (Algorithm 1) with the *global* gradient norm.
+
+    ``first_step`` saves w and moves to w + e, e = rho * g / ||g|| (norm over all parameters);
+    with ``adaptive=True`` (ASAM) e = rho * w^2 * g / || |w| * g || elementwise.  ``second_step``
+    restores w exactly (a copy, not a subtraction) and takes the base step with the gradient
+    computed at w + e.  ``rho`` and ``adaptive`` are stored per param group.
+
+    Closure style (the closure zeroes the gradients, runs forward and backward, returns the
+    loss; it is called twice)::
+
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            return loss
+        loss = opt.step(closure)          # loss at w (the first pass)
+
+    Two-step style, with BatchNorm statistics kept from the perturbed pass::
+
+        loss_fn(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        with disable_running_stats(model):
+            loss_fn(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+
+    Gradient accumulation: accumulate the micro-batch gradients, call ``first_step`` once
+    (it perturbs with the accumulated gradient), accumulate the perturbed-pass gradients, call
+    ``second_step`` once (weights restored once).  Calling ``first_step`` twice without
+    ``second_step`` raises instead of overwriting the saved weights.
+
+    Mixed precision with ``torch.amp.GradScaler``: the perturbation direction does not depend
+    on the loss scale, so ``first_step`` runs on the scaled gradients; a non-finite first-pass
+    gradient gives e = 0 (no perturbation, so the perturbed pass and BatchNorm statistics stay
+    clean) and :meth:`restore` then marks the second gradient non-finite (adds NaN), so that the
+    scaler's single inf check skips the whole step::
+
+        scaler.scale(loss_fn(model(x), y)).backward()
+        opt.first_step(zero_grad=True)
+        scaler.scale(loss_fn(model(x), y)).backward()
+        opt.restore()           # weights back at w whatever the scaler decides
+        scaler.step(opt)        # one inf check; runs opt.step() (= second_step) only if finite
+        scaler.update()
+        opt.zero_grad()
+
+    Without a scaler, ``skip_nonfinite=True`` does the same with one host sync per step.
+
+    DDP: the gradient of the first pass decides the perturbation.
+
+    - synchronised first pass (plain ``backward``): every replica perturbs with the all-reduced
+      gradient, exactly like one process on the combined batch;
+    - first pass under ``model.no_sync()``: each replica perturbs with its own gradient
+      (per-replica perturbation, i.e. m-sharpness with m = the per-replica batch); the second
+      pass is synchronised, so the update itself is identical on every replica::
+
+        with model.no_sync():
+            loss_fn(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        loss_fn(model(x), y).backward()       # all-reduced
+        opt.second_step(zero_grad=True)
+    """
+
+    def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False,
+                 foreach: bool | None = None, skip_nonfinite: bool = False, **kwargs):
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or rho < 0:
+            raise ValueError(f"rho must be a non-negative number, got {rho!r}")
+        if not isinstance(adaptive, bool):
+            raise ValueError(f"adaptive must be a bool, got {adaptive!r}")  # noqa: TRY004
+        super().__init__(params, base_optimizer, {"rho": float(rho), "adaptive": adaptive},
+                         foreach=foreach, skip_nonfinite=skip_nonfinite, **kwargs)
+        self._phase = "idle"      # idle -> perturbed (first_step) -> restored -> idle
+        self._saved: dict = {}    # parameter -> buffer holding w during the perturbed pass
+        self._first_finite: torch.Tensor | None = None
+        self._perturbed: list[torch.Tensor] = []
+
+    # -- Algorithm 1 ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Save w and move to w + e (Algorithm 1, step 2) using the current (accumulated) gradient."""
+        if self._phase != "idle":
+            raise RuntimeError("SAM.first_step() called again before second_step(): the weights are "
+                               "still perturbed (with a GradScaler, call restore() before scaler.step)")
+        groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        groups = [(g, ps) for g, ps in groups if ps]
+        if not groups:
+            raise RuntimeError("SAM.first_step() found no gradients; run backward first")
+        per = []
+        for g, ps in groups:
+            grads = [p.grad for p in ps]
+            if g["adaptive"]:
+                grads = self._mul(grads, self._abs([p for p in ps]))
+            per.append(norms(grads, self.foreach))
+        dev = per[0].device
+        total = torch.linalg.vector_norm(torch.cat([n.to(dev) for n in per]))
+        inv, finite = sam_scale(total)
+        self._perturbed = []
+        for g, ps in groups:
+            e = self._mul_scalar([p.grad for p in ps], inv * g["rho"])
+            if g["adaptive"]:
+                e = self._mul(e, self._mul(ps, ps))
+            bad = ~finite
+            for t in e:       # non-finite first-pass gradient: no perturbation at all
+                t.masked_fill_(bad.to(t.device), 0.0)
+            saved = [self._saved.setdefault(p, torch.empty_like(p)) for p in ps]
+            self._copy(saved, ps)
+            self._add(ps, e)
+            self._perturbed.extend(ps)
+        self._first_finite = finite
+        self._phase = "perturbed"
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put the saved weights w back exactly (no-op unless perturbed).
+
+        If the first-pass gradient was non-finite, NaN is added to the current gradients so that
+        a GradScaler or ``skip_nonfinite`` skips this step (a step is non-finite if either pass is).
+        """
+        if self._phase != "perturbed":
+            return
+        ps = self._perturbed
+        self._copy(ps, [self._saved[p] for p in ps])
+        grads = self._params_with_grad()
+        if grads:
+            fin = self._first_finite
+            poison = torch.where(fin, torch.zeros((), device=fin.device),
+                                 torch.full((), float("nan"), device=fin.device))
+            gs = [p.grad for p in grads]
+            if self.foreach:
+                torch._foreach_add_(gs, poison)
+            else:
+                for t in gs:
+                    t.add_(poison)
+        self._phase = "restored"
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore w and take the base step with the gradient from w + e (Algorithm 1, steps 4-5)."""
+        if self._phase == "idle":
+            raise RuntimeError("SAM.second_step() called without first_step()")
+        self.restore()
+        self._phase = "idle"
+        self._mark_stepped()
+        if not self._skip_this_step():
+            self.base_optimizer.step()
+            self._step += 1
+        if zero_grad:
+            self.zero_grad()
+
+    def step(self, closure=None):
+        """With a closure (zero_grad + forward + backward, returning the loss): a full SAM step,
+        returning the loss at w.  Without one: :meth:`second_step` (after :meth:`first_step`)."""
+        if closure is None:
+            return self.second_step()
+        with torch.enable_grad():
+            loss = closure()
+        self.first_step()
+        with torch.enable_grad():
+            closure()
+        self.second_step()
+        return loss
+
+    def state_dict(self) -> dict:
+        if self._phase != "idle":
+            raise RuntimeError("SAM.state_dict() called between first_step() and second_step(); "
+                               "save after second_step()")
+        return super().state_dict()
+
+    # -- plain / foreach primitives ------------------------------------------------------------
+    def _mul(self, xs, ys):
+        if self.foreach:
+            return list(torch._foreach_mul(list(xs), list(ys)))
+        return [x * y for x, y in zip(xs, ys)]
+
+    def _mul_scalar(self, xs, c: torch.Tensor):
+        if self.foreach:
+            return list(torch._foreach_mul(list(xs), c))
+        return [x * c for x in xs]
+
+    def _abs(self, xs):
+        return list(torch._foreach_abs(list(xs))) if self.foreach else [x.abs() for x in xs]
+
+    def _add(self, xs, ys):
+        if self.foreach:
+            torch._foreach_add_(list(xs), list(ys))
+        else:
+            for x, y in zip(xs, ys):
+                x.add_(y)
+
+    def _copy(self, dst, src):
+        if self.foreach:
+            torch._foreach_copy_(list(dst), list(src))
+        else:
+            for d, s in zip(dst, src):
+                d.copy_(s)
