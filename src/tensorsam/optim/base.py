@@ -166,9 +166,38 @@ class WrappedOptimizer(torch.optim.Optimizer):
             return True
         return False
 
+    def before_base_step(self) -> None:
+        """Work done with the current gradients before the base step (DAS, BAR scale here)."""
+
+    def after_base_step(self) -> None:
+        """Work done after the base step and the step counter update (Rebalance)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """``closure`` (optional) recomputes the gradients; then :meth:`before_base_step`, the
+        base step with those same gradients, and :meth:`after_base_step`."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._skip_this_step():
+            return loss
+        self.before_base_step()
+        self.base_optimizer.step()
+        self._step += 1
+        self.after_base_step()
+        return loss
+
     def _mark_stepped(self) -> None:
         # tells LR schedulers that optimizer.step() ran (set by torch's own step wrapper too)
         self._opt_called = True
+
+
+def check_alpha(alpha) -> float:
+    """``alpha`` as a float, or a ``ValueError`` if it is not a non-negative number."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 0:
+        raise ValueError(f"alpha must be a non-negative number, got {alpha!r}")
+    return float(alpha)
 
 
 def lr_alpha_per_core(param_groups: list[dict], group_index: Sequence[int], alpha_factor: float,
@@ -233,11 +262,11 @@ class GroupPlan:
         return sub
 
 
-def resolve_groups(groups, params_owned: Iterable[torch.Tensor], what: str = "groups",
+def resolve_groups(groups, params_owned: Iterable[torch.Tensor] | None, what: str = "groups",
                    size: int | None = None) -> list[list[nn.Parameter]]:
     """Check user groups: a model (discovered with ``scale_invariant_groups``) or lists of params.
 
-    Every grouped parameter must be one of ``params_owned`` and appear in one group only;
+    Every grouped parameter must be one of ``params_owned`` (unless it is ``None``) and appear in one group only;
     ``size`` (e.g. 2 for BAR pairs) fixes the number of cores per group.
     """
     if groups is None:
@@ -252,7 +281,7 @@ def resolve_groups(groups, params_owned: Iterable[torch.Tensor], what: str = "gr
         groups = [list(g) for g in groups]
     except TypeError:
         raise ValueError(f"{what} must be a model or a list of parameter lists, got {groups!r}") from None
-    owned = {id(p) for p in params_owned}
+    owned = None if params_owned is None else {id(p) for p in params_owned}
     seen: set[int] = set()
     for i, grp in enumerate(groups):
         if not grp:
@@ -262,7 +291,7 @@ def resolve_groups(groups, params_owned: Iterable[torch.Tensor], what: str = "gr
         for p in grp:
             if not isinstance(p, torch.Tensor):
                 raise ValueError(f"{what}[{i}] holds {type(p).__name__}, not a parameter tensor")  # noqa: TRY004
-            if id(p) not in owned:
+            if owned is not None and id(p) not in owned:
                 raise ValueError(f"{what}[{i}] holds a parameter of shape {tuple(p.shape)} that is not "
                                  "among the optimizer's params")
             if id(p) in seen:

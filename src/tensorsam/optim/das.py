@@ -7,6 +7,7 @@ import torch
 from tensorsam.optim.base import (
     GroupPlan,
     WrappedOptimizer,
+    check_alpha,
     lr_alpha_per_core,
     norms,
     resolve_groups,
@@ -94,8 +95,6 @@ class DAS(WrappedOptimizer):
                  alpha_schedule: str = "constant", total_steps: int | None = None,
                  normalization: str | None = None, variant: str = "paper",
                  skip_nonfinite: bool = False, foreach: bool | None = None, **kwargs):
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 0:
-            raise ValueError(f"alpha must be a non-negative number, got {alpha!r}")
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; expected one of {list(VARIANTS)}")
         if normalization is None:
@@ -108,7 +107,7 @@ class DAS(WrappedOptimizer):
         self.alpha_schedule, self.total_steps = alpha_schedule, total_steps
         self.normalization, self.variant = normalization, variant
         params = None if params is None else list(params)
-        super().__init__(params, base_optimizer, {"alpha": float(alpha)}, foreach=foreach,
+        super().__init__(params, base_optimizer, {"alpha": check_alpha(alpha)}, foreach=foreach,
                          skip_nonfinite=skip_nonfinite, **kwargs)
         owned = [p for g in self.param_groups for p in g["params"]]
         self.plan = GroupPlan(resolve_groups(groups, owned), self.param_groups)
@@ -118,7 +117,7 @@ class DAS(WrappedOptimizer):
         return self.schedule(1.0, self._step, self.total_steps)
 
     @torch.no_grad()
-    def scale_cores(self) -> None:
+    def before_base_step(self) -> None:
         """G_k <- (1 + lambda_k) G_k for every core whose group has gradients (no host sync)."""
         plan = self.plan.with_grads()
         if plan is None:
@@ -133,17 +132,3 @@ class DAS(WrappedOptimizer):
         else:
             lam = das_lambda(n.square(), gamma, seg, counts, eta_alpha, "group", "norm")
         scale_(cores, 1.0 + lam, self.foreach)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Scale the cores (Eq. 9), then the base step with the gradients of the current point."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if self._skip_this_step():
-            return loss
-        self.scale_cores()
-        self.base_optimizer.step()
-        self._step += 1
-        return loss
