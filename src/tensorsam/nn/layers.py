@@ -16,8 +16,9 @@ Forward modes (``forward_mode``):
 * ``'auto'`` (the default): the cheaper of the two for each input shape.  When the FLOP and
   memory estimates are within :data:`AUTO_TIMING_MARGIN` of each other, both modes are timed
   once (forward and, when gradients are on, backward via ``torch.autograd.grad`` on detached
-  inputs, so ``.grad`` and the graph are untouched); the choice is cached per layer and
-  input shape.  Under ``torch.compile``/``torch.jit`` tracing, or with the environment
+  inputs, so ``.grad`` and the graph are untouched); the choice is cached per layer
+  configuration (format, core shapes, conv settings) and input shape, so identical layers
+  are timed once.  Under ``torch.compile``/``torch.jit`` tracing, or with the environment
   variable ``TENSORSAM_AUTO_TIMING=0``, the estimate alone decides.
 """
 
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 import time
 from collections.abc import Sequence
 
@@ -39,9 +39,14 @@ from .contraction import Contraction, compile_contraction
 from .init import kaiming_variance
 
 FORWARD_MODES = ("auto", "factorized", "reconstructed")
+# the choice of forward_mode='auto', keyed by layer signature and input (see choose_mode)
+_MODE_CACHE: dict[tuple, str] = {}
 AUTO_TIMING_ENV = "TENSORSAM_AUTO_TIMING"
-AUTO_TIMING_MARGIN = 4.0
+AUTO_TIMING_MARGIN = 2.5
 AUTO_TIMING_REPEATS = 3
+# cost units per im2col element of the factorized conv: F.unfold forward plus its col2im
+# backward are memory-bound scatters, measured at ~100 multiply-adds per element on CPU
+UNFOLD_WEIGHT = 128.0
 # formats whose default tensorization keeps the natural (in, [k*k], out) modes
 NATURAL_MODE_FORMATS = ("cp", "tucker")
 
@@ -154,7 +159,6 @@ class _TensorizedLayer(nn.Module):
             self._out_labels = labels[n_in + n_k:]
         self._free_label = 1 + max(max(s) for s in factors.subscripts()[0])
         self._contractions: dict = {}
-        self._mode_cache: dict = {}
 
     @property
     def rank(self):
@@ -215,8 +219,8 @@ class _TensorizedLayer(nn.Module):
     def choose_mode(self, x: torch.Tensor) -> str:
         """The cheaper mode for ``x``'s shape: estimated, or timed once when close (cached)."""
         grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        key = (tuple(x.shape), x.dtype, x.device, grad)
-        mode = self._mode_cache.get(key)
+        key = (self._signature(), tuple(x.shape), x.dtype, x.device, grad)
+        mode = _MODE_CACHE.get(key)
         if mode is not None:
             return mode
         est = self.estimated_costs(x)
@@ -226,11 +230,19 @@ class _TensorizedLayer(nn.Module):
             times = self.time_modes(x, grad)
             mode = min(times, key=times.get)
         if timing:  # under compile/tracing the cache is left alone
-            self._mode_cache[key] = mode
+            _MODE_CACHE[key] = mode
         return mode
 
+    def _signature(self) -> tuple:
+        """What determines the cost of both modes, besides the input: layers that agree on it
+        (e.g. the repeated blocks of a ResNet) share one cached choice."""
+        conv = getattr(self, "stride", None), getattr(self, "padding", None), getattr(self, "dilation", None)
+        return (type(self).__name__, self.format, tuple(self.weight_factors.core_shapes()), self.tensor_shape,
+                self.bias is not None, conv)
+
     def time_modes(self, x: torch.Tensor, grad: bool, repeats: int = AUTO_TIMING_REPEATS) -> dict[str, float]:
-        """Median seconds of each mode (forward, plus backward when ``grad``), interleaved.
+        """Fastest of ``repeats`` interleaved runs of each mode (forward, plus backward when
+        ``grad``), in seconds, after one warm-up run each.
 
         Runs on a detached copy of ``x`` and takes gradients with ``torch.autograd.grad``, so
         no ``.grad`` is accumulated and the caller's graph is not touched.
@@ -255,7 +267,7 @@ class _TensorizedLayer(nn.Module):
         for _ in range(repeats):
             for m, fn in fns.items():
                 times[m].append(once(fn))
-        return {m: statistics.median(t) for m, t in times.items()}
+        return {m: min(t) for m, t in times.items()}
 
     def _check_input(self, x: torch.Tensor) -> None:
         raise NotImplementedError
@@ -406,7 +418,7 @@ class TensorizedConv2d(_TensorizedLayer):
     def estimated_costs(self, x):
         est = super().estimated_costs(x)
         ho, wo = self._out_hw(x)  # im2col buffer of the factorized mode
-        est["factorized"] += 4.0 * x.shape[0] * self.in_size * self.kernel_numel * ho * wo
+        est["factorized"] += UNFOLD_WEIGHT * x.shape[0] * self.in_size * self.kernel_numel * ho * wo
         return est
 
     def forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
