@@ -5,6 +5,7 @@ TT tensor with deliberately imbalanced cores (core 0 scaled by 4, core 1 by 1/4:
 Q is not).  Gradients come from autograd; SAM's perturbation e = rho g / ||g|| (Algorithm 1).
 """
 
+import itertools
 import math
 
 import pytest
@@ -76,7 +77,7 @@ def step(cores, g, eta):
 
 def assert_linear_decay(errors, label):
     """The relative error must shrink at least linearly in rho (ratio <= 0.6 per halving)."""
-    for a, b in zip(errors, errors[1:]):
+    for a, b in itertools.pairwise(errors):
         assert b <= 0.6 * a, f"{label}: relative errors {errors} do not shrink linearly as rho halves"
     assert errors[-1] < 0.05, f"{label}: relative error {errors[-1]:.3g} at the smallest rho"
 

@@ -248,11 +248,14 @@ class NormTracker:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
         if isinstance(source, nn.Module) and getattr(source, "cores", None) is None:
-            from tensorsam.groups import scale_invariant_groups
+            from tensorsam.groups import named_scale_invariant_groups
 
-            source = scale_invariant_groups(source)
+            found = named_scale_invariant_groups(source)
+            if not found:
+                raise ValueError(f"{type(source).__name__} has no scale-invariant groups to track")
+            source = [list(g.params) for g in found]
             if names is None:
-                names = [getattr(g, "name", None) or f"g{i}" for i, g in enumerate(source)]
+                names = [g.module or f"g{i}" for i, g in enumerate(found)]
         self.groups, _ = _as_groups(source)
         self.names = list(names) if names is not None else [f"g{i}" for i in range(len(self.groups))]
         if len(self.names) != len(self.groups):
