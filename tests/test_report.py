@@ -129,3 +129,22 @@ def test_task_figures_are_made_and_linked(tmp_path, monkeypatch):
     assert text.count("![") == 1
     _, text = make_report([a], tmp_path / "rep2", figures=False)
     assert "![" not in text
+
+
+def test_group_by_named_in_the_results_file(tmp_path):
+    runs = [
+        {"method": m, "noise": noise, "seed": seed, "final_q": noise + seed}
+        for m in ("gd", "sam")
+        for noise in (0.0, 0.5)
+        for seed in (1, 2)
+    ]
+    path = tmp_path / "results.json"
+    write_results(
+        path, task="toy", config={}, runs=runs, extra={"group_by": ["method", "noise"]}, started=time.time()
+    )
+    _, text = make_report([path], tmp_path)
+    assert "| metric | gd, noise=0.0 | gd, noise=0.5 | sam, noise=0.0 | sam, noise=0.5 |" in text
+    assert "| final q | 1.50 ± 0.71 (2) |" in text and "| noise |" not in text
+    write_results(path, task="toy", config={}, runs=runs, extra={"group_by": "method"}, started=time.time())
+    with pytest.raises(ValueError, match="group_by"):
+        load_results(path)

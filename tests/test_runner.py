@@ -15,8 +15,10 @@ import torch
 
 from tensorsam.runner import (
     Loop,
+    add_config_arguments,
     atomic_torch_save,
     atomic_write_json,
+    config_from_args,
     config_to_dict,
     load_checkpoint,
     load_config,
@@ -130,6 +132,26 @@ def test_bad_files_and_override_syntax(tmp_path):
         load_config(Cfg, other)
     with pytest.raises(ValueError, match="key=value"):
         load_config(Cfg, overrides=["lr"])
+
+
+def test_command_line_config_flags(tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    parser.add_argument("--iterations", type=int, default=None)
+    parser.add_argument("--seeds", default=None)
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 0.2\niterations: 7\n")
+    args = parser.parse_args(
+        ["--config", str(path), "--set", "lr=0.3", "--set", "rank=[1,1,1]", "--seeds", "5,6"]
+    )
+    cfg = config_from_args(Cfg, args, iterations=args.iterations, seeds=args.seeds)
+    assert (cfg.lr, cfg.iterations, cfg.rank, cfg.seeds) == (0.3, 7, (1, 1, 1), (5, 6))
+    args = parser.parse_args(["--iterations", "9"])
+    assert config_from_args(Cfg, args, iterations=args.iterations).iterations == 9
+    with pytest.raises(ValueError, match="unknown config key"):
+        config_from_args(Cfg, parser.parse_args([]), epochs=3)
 
 
 def test_config_to_dict_is_json_ready():
@@ -306,6 +328,22 @@ def test_loop_refuses_mismatched_checkpoints_and_bad_arguments(tmp_path):
     torch.save({"a": 1}, foreign)
     with pytest.raises(ValueError, match="not a tensorsam loop checkpoint"):
         Loop(3, state={}, checkpoint=foreign, resume=True)
+
+
+def test_unloadable_state_is_refused_before_replacing_a_checkpoint(tmp_path):
+    ckpt = tmp_path / "run.pt"
+    _train(4, ckpt)
+    good = ckpt.read_bytes()
+    loop = Loop(3, state={}, checkpoint=ckpt, progress=False)
+    loop.extra["when"] = np.float64(1.5)  # numpy values are converted
+    loop.extra["bad"] = Counter()  # an arbitrary object could not be resumed from
+    with pytest.raises(ValueError, match="weights_only"):
+        for _ in loop:
+            pass
+    assert ckpt.read_bytes() == good and _no_tmp(tmp_path)
+    del loop.extra["bad"]
+    loop.save()
+    assert load_checkpoint(ckpt)["extra"] == {"when": 1.5}
 
 
 def test_progress_bar_runs_and_saves_at_every(tmp_path, capsys):

@@ -9,7 +9,9 @@ For each results file (or, with ``pool=True``, each task pooled over files) the 
 Each cell is ``mean ± std (n)`` over the runs of that method (usually one per seed), with the
 sample standard deviation (ddof = 1).  Non-finite values are left out of the statistics and
 the cell then shows ``(k of n)``.  Figures come from ``tensorsam.tasks.<task>.figures`` when
-the task module provides one.
+the task module provides one.  A results file may name the run fields to group by in a
+top-level ``"group_by"`` list (for example ``["method", "noise"]``); the default groups by
+``method``.
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ def load_results(path) -> dict:
         raise ValueError(f"{path} is not a tensorsam results file (no list of 'runs')")  # noqa: TRY004
     if not all(isinstance(r, dict) for r in data["runs"]):
         raise ValueError(f"results file {path}: every entry of 'runs' must be an object")
+    group_by = data.get("group_by")
+    if group_by is not None and not (
+        isinstance(group_by, list) and all(isinstance(k, str) for k in group_by)
+    ):
+        raise ValueError(f"results file {path}: 'group_by' must be a list of run field names")
     data.setdefault("task", "unknown")
     return data
 
@@ -76,35 +83,41 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _group_of(run: dict) -> str:
+def _group_of(run: dict, group_by: Sequence[str] | None) -> str:
+    if group_by:
+        return ", ".join(str(run.get(k)) if k in GROUP_KEYS else f"{k}={run.get(k)}" for k in group_by)
     for key in GROUP_KEYS:
         if key in run:
             return str(run[key])
     return "run"
 
 
-def metric_keys(runs: Sequence[dict]) -> list[str]:
+def metric_keys(runs: Sequence[dict], exclude: Sequence[str] = ()) -> list[str]:
     """Numeric run fields to tabulate, in :data:`METRIC_ORDER` then alphabetical order."""
-    found = {k for r in runs for k, v in r.items() if _is_number(v) and k not in NOT_METRICS and k[:1] != "_"}
+    skip = NOT_METRICS | set(exclude)
+    found = {k for r in runs for k, v in r.items() if _is_number(v) and k not in skip and k[:1] != "_"}
     ordered = [k for k in METRIC_ORDER if k in found]
     return ordered + sorted(found - set(ordered))
 
 
-def summarize(runs: Sequence[dict]) -> tuple[list[str], list[str], dict]:
+def summarize(
+    runs: Sequence[dict], group_by: Sequence[str] | None = None
+) -> tuple[list[str], list[str], dict]:
     """Group runs by method; return (methods, metrics, {(method, metric): (mean, std, k, n)}).
 
-    ``k`` counts the finite values used, ``n`` the method's runs; ``std`` is the sample
+    Runs are grouped by ``group_by`` (run fields, e.g. ``["method", "noise"]``) when given,
+    else by the first of ``method``/``name``/``label`` they have.  ``k`` counts the finite values used, ``n`` the method's runs; ``std`` is the sample
     standard deviation (NaN when k < 2).
     """
     methods: list[str] = []
     groups: dict[str, list[dict]] = {}
     for run in runs:
-        m = _group_of(run)
+        m = _group_of(run, group_by)
         if m not in groups:
             methods.append(m)
             groups[m] = []
         groups[m].append(run)
-    metrics = metric_keys(runs)
+    metrics = metric_keys(runs, exclude=group_by or ())
     stats = {}
     for m in methods:
         for key in metrics:
@@ -139,9 +152,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def tables(runs: Sequence[dict]) -> str:
+def tables(runs: Sequence[dict], group_by: Sequence[str] | None = None) -> str:
     """Both layouts of one group of runs as Markdown."""
-    methods, metrics, stats = summarize(runs)
+    methods, metrics, stats = summarize(runs, group_by)
     if not runs or not metrics:
         return "_No numeric metrics in these runs._"
     paper = _table(
@@ -241,7 +254,7 @@ def make_report(
         lines += [f"## {title}", ""]
         for p, res in items:
             lines += [f"- `{p}`: {_summary_line(res)}"]
-        lines += ["", tables(runs), ""]
+        lines += ["", tables(runs, items[0][1].get("group_by")), ""]
         for p, res in items:
             block = _config_block(res.get("config"))
             if block:

@@ -187,9 +187,17 @@ def _build(cls, values: dict, prefix: str = ""):
             f"unknown config key(s) {', '.join(prefix + k for k in unknown)} for {cls.__name__}; "
             f"valid keys: {', '.join(prefix + k for k in sorted(fields))}"
         )
-    hints = typing.get_type_hints(cls)
+    hints = _field_types(cls)
     kwargs = {name: _coerce(v, hints.get(name, Any), prefix + name) for name, v in values.items()}
     return cls(**kwargs)
+
+
+def _field_types(cls) -> dict:
+    """Resolved field annotations; an unresolvable one (a TYPE_CHECKING-only name) counts as Any."""
+    try:
+        return typing.get_type_hints(cls)
+    except (NameError, TypeError):
+        return {f.name: (Any if isinstance(f.type, str) else f.type) for f in dataclasses.fields(cls)}
 
 
 def load_config(cls, path=None, overrides: Iterable[str] = ()):
@@ -206,7 +214,7 @@ def load_config(cls, path=None, overrides: Iterable[str] = ()):
     values: dict = {}
     if path is not None:
         values.update(_read_config_file(Path(path)))
-    hints = typing.get_type_hints(cls)
+    hints = _field_types(cls)
     for item in overrides or ():
         key, raw = _parse_override(item)
         parsed = raw if hints.get(key.split(".")[0]) is str else _yaml_scalar(raw)
@@ -220,6 +228,39 @@ def load_config(cls, path=None, overrides: Iterable[str] = ()):
             target = node
         target[leaf] = parsed
     return _build(cls, values)
+
+
+def add_config_arguments(parser) -> None:
+    """Add ``--config FILE`` and repeatable ``--set key=value`` to an argparse parser."""
+    parser.add_argument("--config", default=None, metavar="FILE", help="YAML/TOML/JSON file of config values")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config value (repeatable), e.g. --set lr=1e-3 --set rank=[8,6,8]",
+    )
+
+
+def config_from_args(cls, args, **explicit):
+    """The config from ``args.config`` and ``args.overrides``; ``explicit`` (dedicated flags
+    such as ``--iterations``, None = not given) are applied last, as if given with ``--set``."""
+    config = getattr(args, "config", None)
+    overrides = list(getattr(args, "overrides", None) or [])
+    cfg = load_config(cls, config, overrides)
+    given = {k: v for k, v in explicit.items() if v is not None}
+    if not given:
+        return cfg
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
+    unknown = sorted(set(given) - set(values))
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(values))}"
+        )
+    hints = _field_types(cls)
+    values.update({k: _coerce(v, hints.get(k, Any), k) for k, v in given.items()})
+    return cls(**values)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -260,16 +301,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=False
-        )
+        out = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=5, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
-    sha = out.stdout.strip()
-    return sha if out.returncode == 0 and sha else None
+    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def _utc(stamp: float) -> str:
@@ -289,13 +327,16 @@ def provenance(started: float | None = None) -> dict:
         device = f"cuda: {torch.cuda.get_device_name(0)}"
     else:
         device = f"cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+    commit = _git("rev-parse", "HEAD") or None
+    dirty = _git("status", "--porcelain", "--untracked-files=no") if commit else None
     return {
         "tensorsam": __version__,
         "torch": torch.__version__,
         "tensorly": tensorly.__version__,
         "numpy": np.__version__,
         "python": platform.python_version(),
-        "git_commit": _git_commit(),
+        "git_commit": commit,
+        "git_dirty": None if dirty is None else bool(dirty),
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
         "argv": list(sys.argv),
@@ -308,7 +349,8 @@ def provenance(started: float | None = None) -> dict:
 # --------------------------------------------------------------------------- atomic files
 
 
-def _atomic_write(path, write) -> None:
+def _atomic_write(path, write, check=None) -> None:
+    """Write through a temporary file in the same folder; ``check(tmp)`` may veto before ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -317,6 +359,8 @@ def _atomic_write(path, write) -> None:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        if check is not None:
+            check(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -342,9 +386,23 @@ def atomic_write_text(path, text: str) -> None:
     _atomic_write(path, lambda fh: fh.write(data))
 
 
-def atomic_torch_save(obj, path) -> None:
-    """``torch.save`` through a temporary file and ``os.replace``."""
-    _atomic_write(path, lambda fh: torch.save(obj, fh))
+def atomic_torch_save(obj, path, *, verify: bool = False) -> None:
+    """``torch.save`` through a temporary file and ``os.replace``.
+
+    With ``verify=True`` the temporary file is first read back with ``weights_only=True``;
+    if that fails, a ``ValueError`` is raised and the existing file is left untouched.
+    """
+
+    def check(tmp: Path) -> None:
+        try:
+            load_checkpoint(tmp)
+        except ValueError as err:
+            raise ValueError(
+                f"not saving {path}: it could not be loaded back with weights_only=True; keep state to "
+                f"tensors, numbers, strings, lists and dicts ({err})"
+            ) from None
+
+    _atomic_write(path, lambda fh: torch.save(obj, fh), check if verify else None)
 
 
 def load_checkpoint(path) -> dict:
@@ -367,6 +425,19 @@ def load_checkpoint(path) -> dict:
 
 
 # --------------------------------------------------------------------------- RNG state
+
+
+def _plain(obj: Any) -> Any:
+    """numpy scalars and arrays in ``loop.extra`` become python numbers and tensors."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    return obj
 
 
 def _rng_state() -> dict:
@@ -469,6 +540,7 @@ class Loop:
         self.resumed = False
         self._rng: dict | None = None
         self._signal: int | None = None
+        self._verified = False
         if resume and self.checkpoint is not None and self.checkpoint.exists():
             self._restore(load_checkpoint(self.checkpoint))
         self.iteration = self.start
@@ -481,7 +553,7 @@ class Loop:
             "total": self.total,
             "state": {name: obj.state_dict() for name, obj in self.state.items()},
             "rng": _rng_state(),
-            "extra": self.extra,
+            "extra": _plain(self.extra),
         }
 
     def _restore(self, ckpt: dict) -> None:
@@ -505,9 +577,16 @@ class Loop:
         self.resumed = True
 
     def save(self) -> None:
-        """Write a checkpoint of the current state now (no-op without a checkpoint path)."""
-        if self.checkpoint is not None:
-            atomic_torch_save(self.state_dict(), self.checkpoint)
+        """Write a checkpoint of the current state now (no-op without a checkpoint path).
+
+        The first save of a loop reads the file back with ``weights_only=True`` before it
+        replaces anything, so state that could not be resumed from (an arbitrary Python object
+        in a ``state_dict`` or in ``extra``) is reported at once, not at resume time.
+        """
+        if self.checkpoint is None:
+            return
+        atomic_torch_save(self.state_dict(), self.checkpoint, verify=not self._verified)
+        self._verified = True
 
     # ---- metrics
     def log(self, **metrics) -> None:
