@@ -86,6 +86,13 @@ def test_npy_round_trip_and_observed_mask(tmp_path):
         load_tensor(tmp_path / "t.npy", observed=np.ones((2, 3), dtype=bool))
 
 
+def test_an_existing_file_without_the_npy_suffix_is_a_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with open("plain", "wb") as fh:
+        np.save(fh, np.ones((2, 2)))
+    assert load_tensor("plain").shape == (2, 2)
+
+
 def test_bad_npy_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="absent.npy"):
         load_tensor(tmp_path / "absent.npy")

@@ -70,6 +70,7 @@ def test_defaults_and_overrides_are_parsed_and_coerced():
     assert cfg.alpha == 0.5 and cfg.opt == Inner(lr=0.3)
     assert load_config(Cfg) == Cfg()
     assert load_config(Cfg, overrides=["alpha=null"]).alpha is None
+    assert load_config(Cfg, overrides=["alpha=None"]).alpha is None
 
 
 @pytest.mark.parametrize(

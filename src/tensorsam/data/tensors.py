@@ -171,7 +171,9 @@ def _is_path(name_or_path) -> bool:
     if isinstance(name_or_path, Path):
         return True
     s = str(name_or_path)
-    return s.lower().endswith(".npy") or "/" in s or "\\" in s
+    if s.lower() in DATASETS:
+        return False
+    return s.lower().endswith(".npy") or "/" in s or "\\" in s or Path(s).exists()
 
 
 def load_tensor(
