@@ -17,6 +17,7 @@ Optimizers (``tensorsam.optim``) take the result, or the model itself, as ``grou
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 from torch import nn
@@ -39,9 +40,12 @@ class Group:
 
 
 def _lora_layer_type():
+    """peft's LoraLayer if peft is loaded (a peft model implies it; importing it costs seconds)."""
+    if "peft" not in sys.modules:
+        return None
     try:
         from peft.tuners.lora import LoraLayer
-    except ImportError:  # peft is optional
+    except ImportError:
         return None
     return LoraLayer
 

@@ -1,0 +1,291 @@
+"""What every tensorsam optimizer shares: no host syncs, foreach == plain, state_dict round
+trips bit for bit, schedulers, zero_grad, skip_nonfinite, base optimizer handling, schedules.
+
+The toy problem (``toy``) is imported by the other optimizer test files."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from tensorsam.optim import BAR, DAS, SAM, Rebalance, get_schedule
+from tensorsam.optim.schedules import constant, cosine, linear
+
+
+def toy(dtype=torch.float64, seed=0, n=16):
+    """Two scale-invariant groups, a 3-core chain (A, B, C) and a pair (D, E), plus a bias.
+
+    Returns (params, groups, loss_fn)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def P(*shape, scale=1.0):
+        return nn.Parameter(scale * torch.randn(*shape, generator=g, dtype=dtype))
+
+    A, B, C = P(4, 3), P(3, 3, scale=2.0), P(3, 5, scale=0.5)
+    D, E = P(4, 2, scale=3.0), P(2, 5)
+    bias = P(5)
+    x = torch.randn(n, 4, generator=g, dtype=dtype)
+    y = torch.randn(n, 5, generator=g, dtype=dtype)
+
+    def loss_fn(rows=slice(None)):
+        xs = x[rows]
+        return ((xs @ A @ B @ C + xs @ D @ E + bias - y[rows]) ** 2).mean()
+
+    return [A, B, C, D, E, bias], [[A, B, C], [D, E]], loss_fn
+
+
+def make(kind, params, groups, base=torch.optim.SGD, foreach=None, **base_kw):
+    """One wrapper of each kind over ``base`` (kwargs default to SGD lr 0.05 momentum 0.9)."""
+    base_kw = base_kw or ({"lr": 0.05, "momentum": 0.9} if base is torch.optim.SGD else {"lr": 0.01})
+    if kind == "sam":
+        return SAM(params, base, rho=0.05, foreach=foreach, **base_kw)
+    if kind == "asam":
+        return SAM(params, base, rho=0.5, adaptive=True, foreach=foreach, **base_kw)
+    if kind.startswith("das"):
+        norm = {"das": "global", "das_group": "group", "das_authors": None}[kind]
+        variant = "authors" if kind == "das_authors" else "paper"
+        return DAS(params, base, groups=groups, alpha=0.5, normalization=norm, variant=variant,
+                   alpha_schedule="cosine", total_steps=10, foreach=foreach, **base_kw)
+    if kind in ("nbar", "obar"):
+        return BAR(params, base, pairs=[groups[1]], mode=kind[0], alpha=0.5, total_steps=10,
+                   foreach=foreach, **base_kw)
+    if kind == "rebalance":
+        return Rebalance(params, base, groups=groups, every=2, rescale_state=True, foreach=foreach,
+                         **base_kw)
+    raise AssertionError(kind)
+
+
+def train(opt, loss_fn, steps):
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        opt.step(closure)
+
+
+KINDS = ["sam", "asam", "das", "das_group", "das_authors", "nbar", "obar", "rebalance"]
+
+
+# -- no host-device synchronisation ------------------------------------------------------------
+class SyncError(AssertionError):
+    pass
+
+
+@pytest.fixture
+def forbid_sync(monkeypatch):
+    """Patch item/tolist/__bool__/__float__ to raise while ``state['on']``."""
+    state = {"on": False}
+    for name in ("item", "tolist", "__bool__", "__float__"):
+        orig = getattr(torch.Tensor, name)
+
+        def guarded(self, *a, _orig=orig, _name=name, **k):
+            if state["on"]:
+                raise SyncError(f"host sync: Tensor.{_name}")
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, guarded)
+    return state
+
+
+def test_forbid_sync_fixture_catches_a_sync(forbid_sync):
+    forbid_sync["on"] = True
+    with pytest.raises(SyncError):
+        torch.ones(()).item()
+    with pytest.raises(SyncError):
+        bool(torch.ones(()) > 0)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("kind", ["sam", "asam", "das", "das_group", "nbar", "obar", "rebalance"])
+def test_no_host_sync_in_step_over_sgd_momentum(kind, foreach, forbid_sync):
+    params, groups, loss_fn = toy(torch.float32)
+    opt = make(kind, params, groups, foreach=foreach, lr=0.05, momentum=0.9)
+    for _ in range(2):           # the second step runs with momentum buffers present
+        opt.zero_grad()
+        loss_fn().backward()
+        forbid_sync["on"] = True
+        if kind in ("sam", "asam"):
+            opt.first_step(zero_grad=True)
+            forbid_sync["on"] = False
+            loss_fn().backward()
+            forbid_sync["on"] = True
+            opt.second_step()
+        else:
+            opt.step()
+        forbid_sync["on"] = False
+
+
+@pytest.mark.parametrize("kind", ["sam", "das", "nbar", "rebalance"])
+def test_no_host_sync_in_wrapper_work_over_adam(kind, forbid_sync):
+    """torch's Adam reads its CPU step counter with .item(), so only the wrapper's own work is
+    checked: the base step runs with the guard lifted, everything else under it."""
+    params, groups, loss_fn = toy(torch.float32)
+    opt = make(kind, params, groups, base=torch.optim.Adam, lr=0.01)
+    base_step = opt.base_optimizer.step
+
+    def unguarded_base_step(*a, **k):
+        forbid_sync["on"] = False
+        try:
+            return base_step(*a, **k)
+        finally:
+            forbid_sync["on"] = True
+
+    opt.base_optimizer.step = unguarded_base_step
+    for _ in range(2):
+        opt.zero_grad()
+        loss_fn().backward()
+        forbid_sync["on"] = True
+        if kind == "sam":
+            opt.first_step(zero_grad=True)
+            forbid_sync["on"] = False
+            loss_fn().backward()
+            forbid_sync["on"] = True
+            opt.second_step()
+        else:
+            opt.step()
+        forbid_sync["on"] = False
+
+
+# -- foreach and plain paths agree -----------------------------------------------------------------
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_foreach_and_plain_paths_agree(kind, dtype, rtol):
+    results = []
+    for foreach in (False, True):
+        params, groups, loss_fn = toy(dtype)
+        opt = make(kind, params, groups, foreach=foreach)
+        train(opt, loss_fn, 2)
+        results.append([p.detach().clone() for p in params])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * 1e-2)
+
+
+# -- state_dict round trip -------------------------------------------------------------------------
+@pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.Adam], ids=["sgd_momentum", "adam"])
+@pytest.mark.parametrize("kind", ["sam", "das", "nbar", "rebalance"])
+def test_state_dict_round_trip_is_bit_exact(kind, base):
+    params, groups, loss_fn = toy()
+    opt = make(kind, params, groups, base=base)
+    train(opt, loss_fn, 5)
+    straight = [p.detach().clone() for p in params]
+
+    params, groups, loss_fn = toy()
+    opt = make(kind, params, groups, base=base)
+    train(opt, loss_fn, 3)
+    saved_params = [p.detach().clone() for p in params]
+    saved = opt.state_dict()
+
+    params2, groups2, loss_fn2 = toy(seed=0)          # a fresh model ...
+    with torch.no_grad():
+        for p, s in zip(params2, saved_params):        # ... holding the saved weights
+            p.copy_(s)
+    opt2 = make(kind, params2, groups2, base=base)
+    opt2.load_state_dict(saved)
+    assert opt2._step == opt._step
+    assert opt2.param_groups is opt2.base_optimizer.param_groups
+    train(opt2, loss_fn2, 2)
+    for a, b in zip(straight, params2):
+        assert torch.equal(a, b)
+
+
+def test_load_state_dict_refuses_a_foreign_dict():
+    params, groups, _ = toy()
+    opt = make("das", params, groups)
+    with pytest.raises(ValueError, match="base"):
+        opt.load_state_dict(torch.optim.SGD(params, lr=0.1).state_dict())
+
+
+def test_lr_scheduler_on_wrapper_moves_base_lr():
+    params, groups, loss_fn = toy()
+    opt = make("das", params, groups)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    train(opt, loss_fn, 1)
+    sched.step()
+    assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.025)
+    assert opt.param_groups[0]["alpha"] == 0.5      # wrapper hyperparameters live in the same dicts
+
+
+# -- zero_grad, base optimizer handling, param groups ----------------------------------------------
+def test_zero_grad_and_base_instance():
+    params, groups, loss_fn = toy()
+    base = torch.optim.SGD(params, lr=0.1)
+    opt = DAS(None, base, groups=groups, alpha=0.1)
+    assert opt.base_optimizer is base and opt.param_groups is base.param_groups
+    loss_fn().backward()
+    opt.step()
+    opt.zero_grad()
+    assert all(p.grad is None for p in params)
+    with pytest.raises(ValueError, match="already an instance"):
+        DAS(None, base, groups=groups, alpha=0.1, lr=0.2)
+    with pytest.raises(ValueError, match="differ"):
+        DAS(params[:2], base, groups=[params[:2]], alpha=0.1)
+    with pytest.raises(ValueError, match="base_optimizer"):
+        DAS(params, "sgd", groups=groups, alpha=0.1)
+    with pytest.raises(ValueError, match="foreach"):
+        SAM(params, torch.optim.SGD, lr=0.1, foreach="yes")
+
+
+def test_add_param_group_reaches_base_with_wrapper_defaults():
+    params, _, _ = toy()
+    opt = SAM(params[:-1], torch.optim.SGD, rho=0.1, lr=0.1)
+    opt.add_param_group({"params": [params[-1]], "lr": 0.01})
+    assert len(opt.base_optimizer.param_groups) == 2
+    assert opt.base_optimizer.param_groups[1]["rho"] == 0.1
+
+
+# -- non-finite gradients --------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_skip_nonfinite_leaves_params_and_state_untouched(kind):
+    params, groups, loss_fn = toy()
+    opt = make(kind, params, groups, base=torch.optim.Adam)
+    opt.skip_nonfinite = True
+    train(opt, loss_fn, 2)
+    before = [p.detach().clone() for p in params]
+    state = {k: {n: v.clone() for n, v in s.items()} for k, s in opt.base_optimizer.state.items()}
+    step = opt._step
+
+    def bad_closure():
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        params[1].grad[0, 0] = float("nan")
+        return loss
+
+    if kind in ("sam", "asam"):
+        opt.step(bad_closure)                 # NaN in the first pass
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.first_step(zero_grad=True)
+        loss_fn().backward()
+        params[4].grad[0, 0] = float("inf")   # inf in the second pass
+        opt.second_step()
+        skipped = 2
+    else:
+        opt.step(bad_closure)
+        skipped = 1
+    assert opt.skipped_steps == skipped and opt._step == step
+    for a, b in zip(before, params):
+        assert torch.equal(a, b)
+    for k, s in opt.base_optimizer.state.items():
+        for n, v in s.items():
+            assert torch.equal(v, state[k][n])
+
+
+# -- schedules ---------------------------------------------------------------------------------------
+def test_schedules():
+    assert constant(0.3, 7, None) == 0.3
+    assert linear(0.4, 5, 10) == pytest.approx(0.2)
+    assert linear(0.4, 15, 10) == 0.0
+    assert cosine(0.4, 5, 10) == pytest.approx(0.2)
+    assert cosine(0.4, 0, 10) == pytest.approx(0.4)
+    assert cosine(0.4, 12, 10) == pytest.approx(0.0, abs=1e-15)
+    assert cosine(1.0, 2, 8) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    with pytest.raises(ValueError, match="constant"):
+        get_schedule("exponential")
+    with pytest.raises(ValueError, match="total_steps"):
+        get_schedule("linear", None)
+    assert get_schedule("constant") is constant

@@ -1,0 +1,146 @@
+"""DAS (Algorithm 2 / Eq. 9): one step equals (1 + lambda_k) G_k - eta g_k exactly."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_optim_common import toy
+from torch import nn
+
+from tensorsam.optim import DAS, das_lambda
+from tensorsam.tensors import TT
+
+
+def random_setup(seed, scales):
+    """Groups of 3, 2 and 4 cores of varied norms, random gradients, and a free bias."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [[(3, 4), (4, 2), (2, 5)], [(6, 2), (2, 3)], [(2, 3), (3, 3), (3, 2), (2, 2)]]
+    groups, i = [], 0
+    for grp in shapes:
+        ps = []
+        for shape in grp:
+            p = nn.Parameter(scales[i % len(scales)] * torch.randn(*shape, generator=g, dtype=torch.float64))
+            p.grad = scales[(i + 1) % len(scales)] * torch.randn(*shape, generator=g, dtype=torch.float64)
+            ps.append(p)
+            i += 1
+        groups.append(ps)
+    bias = nn.Parameter(torch.randn(5, generator=g, dtype=torch.float64))
+    bias.grad = torch.randn(5, generator=g, dtype=torch.float64)
+    return groups, bias
+
+
+def expected_das(groups, eta, alpha, normalization, variant):
+    """(1 + lambda_k) G_k - eta g_k with lambda_k from Eq. 9, in plain python floats."""
+    s = [[(p.detach() ** 2).sum().tolist() for p in grp] for grp in groups]
+    gam = [[(p.grad ** 2).sum().tolist() for p in grp] for grp in groups]
+    total = sum(sum(gs) for gs in gam)
+    out = []
+    for grp, ss, gs in zip(groups, s, gam):
+        gbar = sum(gs) / len(gs)
+        if normalization == "global" and variant == "paper":
+            u = total ** -0.5
+        else:
+            u = (len(gs) * gbar) ** -0.5
+        for p, sk, gk in zip(grp, ss, gs):
+            div = sk if variant == "paper" else sk ** 0.5
+            lam = eta * alpha * u * (gk - gbar) / div
+            out.append((1 + lam) * p.detach() - eta * p.grad)
+    return out
+
+
+@settings(max_examples=20)
+@given(seed=st.integers(0, 10_000), eta=st.floats(1e-3, 0.5), alpha=st.floats(0.0, 2.0),
+       scales=st.lists(st.floats(0.1, 10.0), min_size=1, max_size=4),
+       mode=st.sampled_from([("global", "paper"), ("group", "paper"), (None, "authors")]))
+def test_one_step_is_eq9(seed, eta, alpha, scales, mode):
+    normalization, variant = mode
+    groups, bias = random_setup(seed, scales)
+    want = expected_das(groups, eta, alpha, normalization or "group", variant)
+    bias_want = bias.detach() - eta * bias.grad
+    params = [p for grp in groups for p in grp] + [bias]
+    opt = DAS(params, torch.optim.SGD, groups=groups, alpha=alpha, normalization=normalization,
+              variant=variant, lr=eta, momentum=0.0)
+    opt.step()
+    for p, w in zip(params, want):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(bias.detach(), bias_want, rtol=1e-15, atol=1e-15)
+
+
+def test_global_and_group_u_differ_and_global_is_smaller():
+    groups, _ = random_setup(0, [1.0, 3.0])
+    params = [p for grp in groups for p in grp]
+    lam = {}
+    for norm in ("global", "group"):
+        before = [p.detach().clone() for p in params]
+        opt = DAS(params, torch.optim.SGD, groups=groups, alpha=1.0, normalization=norm, lr=0.1)
+        opt.before_base_step()
+        lam[norm] = torch.stack([(p.detach() / b).flatten()[0] - 1 for p, b in zip(params, before)])
+        with torch.no_grad():
+            for p, b in zip(params, before):
+                p.copy_(b)
+    assert (lam["global"].abs() <= lam["group"].abs() + 1e-15).all()
+    assert not torch.allclose(lam["global"], lam["group"])
+
+
+def test_zero_norm_core_and_zero_gradients_give_zero_lambda():
+    seg, counts = torch.tensor([0, 0, 0, 1, 1]), torch.tensor([3, 2])
+    s = torch.tensor([0.0, 2.0, 3.0, 1.0, 1.0], dtype=torch.float64)
+    gamma = torch.tensor([1.0, 2.0, 5.0, 0.0, 0.0], dtype=torch.float64)
+    ea = torch.full((5,), 0.1, dtype=torch.float64)
+    for norm in ("global", "group"):
+        for div in ("squared", "norm"):
+            lam = das_lambda(s, gamma, seg, counts, ea, norm, div)
+            assert torch.isfinite(lam).all()
+            assert lam[0] == 0 and lam[3] == 0 and lam[4] == 0
+            assert lam[2] > 0 > lam[1]
+    lam = das_lambda(s, torch.zeros(5, dtype=torch.float64), seg, counts, ea)
+    assert torch.equal(lam, torch.zeros(5, dtype=torch.float64))
+
+
+def test_alpha_schedule_and_scheduled_lr_enter_lambda():
+    groups, _ = random_setup(1, [1.0, 2.0])
+    params = [p for grp in groups for p in grp]
+    opt = DAS(params, torch.optim.SGD, groups=groups, alpha=0.8, alpha_schedule="linear", total_steps=4,
+              lr=0.2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.step()
+    sched.step()
+    opt.step()
+    sched.step()                     # now eta = 0.05 and alpha_t = 0.8 * (1 - 2/4)
+    want = expected_das(groups, 0.05, 0.4, "global", "paper")
+    opt.step()
+    for p, w in zip(params, want):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-12, atol=1e-14)
+
+
+def test_groups_from_a_model_and_grouped_params_without_grad():
+    model = nn.ModuleDict({"w": TT((4, 3, 5), rank=2, dtype=torch.float64), "v": nn.Linear(3, 2)})
+    opt = DAS(model.parameters(), torch.optim.SGD, groups=model, alpha=0.1, lr=0.1)
+    assert [id(p) for p in opt.plan.cores] == [id(p) for p in model["w"].cores]
+    model["v"](torch.randn(1, 3)).sum().backward()     # no gradient reaches the TT cores
+    before = [p.detach().clone() for p in model["w"].cores]
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model["w"].cores))
+
+
+def test_bad_arguments_are_refused():
+    params, groups, _ = toy()
+    with pytest.raises(ValueError, match="not among"):
+        DAS(params[:3], torch.optim.SGD, groups=groups, alpha=0.1, lr=0.1)
+    with pytest.raises(ValueError, match="normalization"):
+        DAS(params, torch.optim.SGD, groups=groups, alpha=0.1, normalization="layer", lr=0.1)
+    with pytest.raises(ValueError, match="per group"):
+        DAS(params, torch.optim.SGD, groups=groups, alpha=0.1, variant="authors", normalization="global",
+            lr=0.1)
+    with pytest.raises(ValueError, match="variant"):
+        DAS(params, torch.optim.SGD, groups=groups, alpha=0.1, variant="code", lr=0.1)
+    with pytest.raises(ValueError, match="total_steps"):
+        DAS(params, torch.optim.SGD, groups=groups, alpha=0.1, alpha_schedule="cosine", lr=0.1)
+    with pytest.raises(ValueError, match="alpha"):
+        DAS(params, torch.optim.SGD, groups=groups, alpha=-1.0, lr=0.1)
+    with pytest.raises(ValueError, match="groups is required"):
+        DAS(params, torch.optim.SGD, groups=None, alpha=0.1, lr=0.1)
+    with pytest.raises(ValueError, match="another group"):
+        DAS(params, torch.optim.SGD, groups=[groups[0], groups[0][:2]], alpha=0.1, lr=0.1)
+    with pytest.raises(ValueError, match="empty"):
+        DAS(params, torch.optim.SGD, groups=[[]], alpha=0.1, lr=0.1)
