@@ -148,3 +148,21 @@ def test_group_by_named_in_the_results_file(tmp_path):
     write_results(path, task="toy", config={}, runs=runs, extra={"group_by": "method"}, started=time.time())
     with pytest.raises(ValueError, match="group_by"):
         load_results(path)
+
+
+def test_notes_and_reference_comparison(tmp_path):
+    path = tmp_path / "results.json"
+    reference = {
+        "source": "paper Table 1",
+        "values": {"adam": {"train_r2": [0.9482, 0.0012]}, "das": {"train_r2": [0.9484, 0.0017]}},
+    }
+    extra = {"notes": "R² on training entries is what the paper reports.", "reference": reference}
+    write_results(path, task="completion", config={}, runs=_runs(), extra=extra, started=time.time())
+    _, text = make_report([path], tmp_path)
+    assert "> R² on training entries is what the paper reports." in text
+    assert "| adam | train R² | 0.9500 ± 0.0010 (3) | 0.9482 ± 0.0012 | +1.5 σ |" in text
+    assert "| das | train R² | – | 0.9484 ± 0.0017 | – |" in text
+    extra["reference"] = {"values": {"adam": {"train_r2": 0.9}}}
+    write_results(path, task="completion", config={}, runs=_runs(), extra=extra, started=time.time())
+    with pytest.raises(ValueError, match="'reference' must be"):
+        load_results(path)

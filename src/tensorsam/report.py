@@ -11,7 +11,9 @@ sample standard deviation (ddof = 1).  Non-finite values are left out of the sta
 the cell then shows ``(k of n)``.  Figures come from ``tensorsam.tasks.<task>.figures`` when
 the task module provides one.  A results file may name the run fields to group by in a
 top-level ``"group_by"`` list (for example ``["method", "noise"]``); the default groups by
-``method``.
+``method``.  Optional top-level ``"notes"`` (a string or list of strings) are quoted under the
+tables, and ``"reference"`` (published numbers, see :func:`reference_table`) adds a table of
+our means against them in units of the published standard deviation.
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ def load_results(path) -> dict:
         raise ValueError(f"{path} is not a tensorsam results file (no list of 'runs')")  # noqa: TRY004
     if not all(isinstance(r, dict) for r in data["runs"]):
         raise ValueError(f"results file {path}: every entry of 'runs' must be an object")
+    reference = data.get("reference")
+    if reference is not None and not _valid_reference(reference):
+        raise ValueError(
+            f"results file {path}: 'reference' must be {{'source': str, 'values': {{method: {{metric: [mean, std]}}}}}}"
+        )
     group_by = data.get("group_by")
     if group_by is not None and not (
         isinstance(group_by, list) and all(isinstance(k, str) for k in group_by)
@@ -65,6 +72,15 @@ def load_results(path) -> dict:
         raise ValueError(f"results file {path}: 'group_by' must be a list of run field names")
     data.setdefault("task", "unknown")
     return data
+
+
+def _valid_reference(ref) -> bool:
+    values = ref.get("values") if isinstance(ref, dict) else None
+    return isinstance(values, dict) and all(
+        isinstance(per, dict)
+        and all(isinstance(v, list) and len(v) == 2 and all(_is_number(x) for x in v) for v in per.values())
+        for per in values.values()
+    )
 
 
 def metric_label(key: str) -> str:
@@ -152,11 +168,34 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def tables(runs: Sequence[dict], group_by: Sequence[str] | None = None) -> str:
-    """Both layouts of one group of runs as Markdown."""
+def reference_table(stats: dict, reference: dict) -> str:
+    """Our means against published ``reference`` values, with the gap in reference σ.
+
+    ``reference`` is ``{"source": str, "values": {method: {metric: [mean, std]}}}``.
+    """
+    rows = []
+    for method, metrics in (reference.get("values") or {}).items():
+        for key, (ref_mean, ref_std) in metrics.items():
+            ours = stats.get((method, key))
+            if ours is None or ours[2] == 0:
+                gap, cell = "–", "–"
+            else:
+                cell = format_cell(*ours)
+                gap = f"{(ours[0] - ref_mean) / ref_std:+.1f} σ" if ref_std > 0 else "–"
+            rows.append([method, metric_label(key), cell, f"{ref_mean} ± {ref_std}", gap])
+    if not rows:
+        return ""
+    source = reference.get("source", "reference")
+    table = _table(["method", "metric", "ours", str(source), "ours − reference"], rows)
+    return f"Against {source}:\n\n{table}"
+
+
+def tables(runs: Sequence[dict], group_by: Sequence[str] | None = None, reference: dict | None = None) -> str:
+    """Both layouts of one group of runs (and the reference comparison, if any) as Markdown."""
     methods, metrics, stats = summarize(runs, group_by)
     if not runs or not metrics:
         return "_No numeric metrics in these runs._"
+    against = reference_table(stats, reference) if reference else ""
     paper = _table(
         ["metric", *methods],
         [[metric_label(key)] + [format_cell(*stats[(m, key)]) for m in methods] for key in metrics],
@@ -165,10 +204,11 @@ def tables(runs: Sequence[dict], group_by: Sequence[str] | None = None) -> str:
         ["method", *(metric_label(k) for k in metrics)],
         [[m] + [format_cell(*stats[(m, key)]) for key in metrics] for m in methods],
     )
-    return (
+    text = (
         "Paper's Table 1 layout (rows: metrics; cells: mean ± std over runs, (number of runs)):\n\n"
         f"{paper}\n\nPer method:\n\n{per_method}"
     )
+    return f"{text}\n\n{against}" if against else text
 
 
 def _summary_line(results: dict) -> str:
@@ -254,8 +294,12 @@ def make_report(
         lines += [f"## {title}", ""]
         for p, res in items:
             lines += [f"- `{p}`: {_summary_line(res)}"]
-        lines += ["", tables(runs, items[0][1].get("group_by")), ""]
+        first = items[0][1]
+        lines += ["", tables(runs, first.get("group_by"), first.get("reference")), ""]
         for p, res in items:
+            notes = res.get("notes") or []
+            lines += [f"> {note}" for note in ([notes] if isinstance(notes, str) else notes)]
+            lines += [""] if notes else []
             block = _config_block(res.get("config"))
             if block:
                 lines += [block, ""]
