@@ -120,7 +120,9 @@ class SAM(WrappedOptimizer):
             raise ValueError(f"adaptive must be a bool, got {adaptive!r}")  # noqa: TRY004
         super().__init__(params, base_optimizer, {"rho": float(rho), "adaptive": adaptive},
                          foreach=foreach, skip_nonfinite=skip_nonfinite, **kwargs)
-        self._phase = "idle"      # idle -> perturbed (first_step) -> restored -> idle
+        # idle -> perturbed (first_step) -> restored (restore) -> idle (second_step); a step
+        # that a GradScaler skipped stays "restored", which is safe: the weights are w
+        self._phase = "idle"
         self._saved: dict = {}    # parameter -> buffer holding w during the perturbed pass
         self._first_finite: torch.Tensor | None = None
         self._perturbed: list[torch.Tensor] = []
@@ -129,7 +131,7 @@ class SAM(WrappedOptimizer):
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Save w and move to w + e (Algorithm 1, step 2) using the current (accumulated) gradient."""
-        if self._phase != "idle":
+        if self._phase == "perturbed":
             raise RuntimeError("SAM.first_step() called again before second_step(): the weights are "
                                "still perturbed (with a GradScaler, call restore() before scaler.step)")
         groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
@@ -214,7 +216,7 @@ class SAM(WrappedOptimizer):
         return loss
 
     def state_dict(self) -> dict:
-        if self._phase != "idle":
+        if self._phase == "perturbed":
             raise RuntimeError("SAM.state_dict() called between first_step() and second_step(); "
                                "save after second_step()")
         return super().state_dict()
