@@ -39,6 +39,7 @@ METRIC_ORDER = (
     "train_rmse",
     "heldout_rmse",
     "val_r2",
+    "val_r2_uncentred",
     "val_rmse",
     "wall_seconds",
 )
