@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError) as err:
             print(f"tensorsam {argv[0]}: error: {err}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            print(f"tensorsam {argv[0]}: interrupted; the last checkpoint (if any) is kept, rerun with --resume",
+                  file=sys.stderr)
+            return 130
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
