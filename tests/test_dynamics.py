@@ -198,6 +198,27 @@ def test_tracker_files(tmp_path, fmt):
     assert out.stat().st_size > 1000
 
 
+def test_tracker_on_a_model_uses_discovered_groups(tmp_path):
+    from tensorsam.groups import scale_invariant_groups
+    from tensorsam.nn import TensorizedLinear
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(TensorizedLinear(16, 12, format="tt", rank=3), torch.nn.ReLU(),
+                                TensorizedLinear(12, 4, format="cp", rank=2))
+    model(torch.randn(5, 16)).square().sum().backward()
+    tracker = dynamics.NormTracker(model, every=2, path=tmp_path / "m.csv")
+    assert tracker.record(1) is None  # not due
+    rows = tracker.record(2)
+    groups = scale_invariant_groups(model)
+    assert len(rows) == len(groups) == 2
+    assert [r["K"] for r in rows] == [len(g) for g in groups]
+    assert rows[0]["group"] != rows[1]["group"] and "0" in rows[0]["group"]  # module names
+    assert [r["Q"] for r in rows] == pytest.approx(dynamics.norm_deviation(groups).tolist())
+    assert [r["cov"] for r in rows] == pytest.approx(dynamics.norm_grad_covariance(groups).tolist())
+    with pytest.raises(ValueError, match="no scale-invariant groups"):
+        dynamics.NormTracker(torch.nn.Linear(3, 2))
+
+
 def test_tracker_bad_arguments(tmp_path):
     g = cores_with_norms([1.0, 2.0])
     with pytest.raises(ValueError, match="every"):
