@@ -36,14 +36,19 @@ class Contraction:
     expression: opt_einsum.contract.ContractExpression
     flops: float
     memory: float
+    out_shape: tuple[int, ...] | None = None  # reshape of the result, done inside the contraction
 
     def __call__(self, *operands: torch.Tensor) -> torch.Tensor:
         if self.flops > SINGLE_THREAD_MAX_FLOPS or torch.get_num_threads() == 1:
-            return self.expression(*operands, backend="torch")
+            return self.run(*operands)
         if not (torch.is_grad_enabled() and any(o.requires_grad for o in operands)):
             with single_thread():
-                return self.expression(*operands, backend="torch")
-        return _SingleThreaded.apply(self.expression, *operands)
+                return self.run(*operands)
+        return _SingleThreaded.apply(self.run, *operands)
+
+    def run(self, *operands: torch.Tensor) -> torch.Tensor:
+        out = self.expression(*operands, backend="torch")
+        return out if self.out_shape is None else out.reshape(self.out_shape)
 
     @property
     def cost(self) -> float:
@@ -51,7 +56,7 @@ class Contraction:
 
 
 def compile_contraction(operand_labels: Sequence[Sequence[int]], operand_shapes: Sequence[Sequence[int]],
-                        out_labels: Sequence[int]) -> Contraction:
+                        out_labels: Sequence[int], out_shape: Sequence[int] | None = None) -> Contraction:
     """Choose a path (exhaustive for few operands, dynamic programming otherwise) and compile it.
 
     ``memory`` counts the elements written by all pairwise steps (intermediates and output):
@@ -70,7 +75,7 @@ def compile_contraction(operand_labels: Sequence[Sequence[int]], operand_shapes:
             n *= sizes[c]
         memory += n
     expr = opt_einsum.contract_expression(eq, *shapes, optimize=path)
-    return Contraction(expr, float(info.opt_cost), memory)
+    return Contraction(expr, float(info.opt_cost), memory, None if out_shape is None else tuple(out_shape))
 
 
 @contextlib.contextmanager
@@ -93,10 +98,10 @@ class _SingleThreaded(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, expression, *operands):
+    def forward(ctx, run, *operands):
         with torch.enable_grad(), single_thread():
             leaves = [o.detach().requires_grad_(o.requires_grad) for o in operands]
-            out = expression(*leaves, backend="torch")
+            out = run(*leaves)
         ctx.inner = (out, leaves)
         return out.detach()
 

@@ -168,23 +168,23 @@ class _TensorizedLayer(nn.Module):
     def cores(self) -> nn.ParameterList:
         return self.weight_factors.cores
 
-    def _contraction(self, key, extra_labels=(), extra_shapes=(), out_labels=()) -> Contraction:
+    def _contraction(self, key, extra_labels=(), extra_shapes=(), out_labels=(), out_shape=None) -> Contraction:
         c = self._contractions.get(key)
         if c is None:
             core_labels = self.weight_factors.subscripts()[0]
             c = compile_contraction([*core_labels, *extra_labels],
-                                    [*self.weight_factors.core_shapes(), *extra_shapes], out_labels)
+                                    [*self.weight_factors.core_shapes(), *extra_shapes], out_labels, out_shape)
             self._contractions[key] = c
         return c
 
     def _weight_contraction(self) -> Contraction:
         """One einsum from the cores straight to the dense op's weight order (out, in, [k])."""
-        return self._contraction("weight", out_labels=(*self._out_labels, *self._in_labels, *self._k_labels))
+        return self._contraction("weight", out_labels=(*self._out_labels, *self._in_labels, *self._k_labels),
+                                 out_shape=self.dense_weight_shape)
 
     def dense_weight(self) -> torch.Tensor:
         """The weight in ``F.linear``/``F.conv2d`` layout, built by one cached einsum."""
-        w = self._weight_contraction()(*self.weight_factors.cores)
-        return w.reshape(self.dense_weight_shape)
+        return self._weight_contraction()(*self.weight_factors.cores)
 
     @torch.no_grad()
     def reset_parameters(self, target_variance: float | None = None) -> None:
