@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from tensorsam.optim.base import GroupPlan, WrappedOptimizer, norms, resolve_foreach, resolve_groups, scale_
+from tensorsam.optim.base import GroupPlan, WrappedOptimizer, norms, resolve_foreach, resolve_groups
 from tensorsam.optim.base import segment_sum as _segment_sum
 
 # Power p of the rescaling of each optimizer-state entry: entry <- entry * c^(-p).  A core
@@ -72,7 +72,7 @@ def _rebalance_plan(plan: GroupPlan, optimizer, foreach: bool) -> None:
     n = norms(plan.cores, foreach)
     seg, counts = plan.seg_counts(n.device)
     c = rebalance_factors(n, seg, counts.to(n.dtype))
-    scale_(plan.cores, c, foreach)
+    plan.scale_cores_(c, foreach)
     if optimizer is not None:
         _rescale_state(optimizer, plan.cores, c)
 

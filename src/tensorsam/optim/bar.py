@@ -12,7 +12,6 @@ from tensorsam.optim.base import (
     lr_alpha_per_core,
     norms,
     resolve_groups,
-    scale_,
 )
 from tensorsam.optim.schedules import get_schedule
 
@@ -93,4 +92,4 @@ class BAR(WrappedOptimizer):
         signs = torch.stack([sigma, -sigma], dim=1).reshape(-1)   # +sigma for x, -sigma for y
         eta_alpha = lr_alpha_per_core(self.param_groups, plan.group_index,
                                       self.schedule(1.0, self._step, self.total_steps), n)
-        scale_(cores, 1.0 + signs * eta_alpha, self.foreach)
+        plan.scale_cores_(1.0 + signs * eta_alpha, self.foreach)

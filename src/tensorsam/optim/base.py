@@ -36,17 +36,18 @@ def norms(tensors: Sequence[torch.Tensor], foreach: bool) -> torch.Tensor:
         out = torch._foreach_norm(list(tensors))
     else:
         out = [torch.linalg.vector_norm(t) for t in tensors]
-    dev = out[0].device
-    return torch.stack([n.to(dev) for n in out])
+    try:
+        return torch.stack(out)
+    except RuntimeError:  # tensors on several devices (or dtypes): gather on the first one
+        return torch.stack([n.to(out[0]) for n in out])
 
 
-def scale_(tensors: Sequence[torch.Tensor], factors: torch.Tensor, foreach: bool) -> None:
-    """tensors[i] *= factors[i], in place (``factors`` is 1-D, one entry per tensor)."""
-    fs = factors.unbind()
+def scale_(tensors: Sequence[torch.Tensor], factors: Sequence[torch.Tensor], foreach: bool) -> None:
+    """tensors[i] *= factors[i], in place (``factors``: 0-dim tensors, e.g. views of a 1-D one)."""
     if foreach:
-        torch._foreach_mul_(list(tensors), list(fs))
+        torch._foreach_mul_(list(tensors), list(factors))
     else:
-        for t, f in zip(tensors, fs):
+        for t, f in zip(tensors, factors):
             t.mul_(f)
 
 
@@ -235,6 +236,7 @@ class GroupPlan:
         self.group_index = [where[id(p)] for p in self.cores]
         self.n_groups = len(groups)
         self._seg: dict = {}
+        self._factor_buf: dict = {}
 
     def seg_counts(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(seg, counts) on ``device``: cached, so the host copy happens once per device."""
@@ -245,11 +247,24 @@ class GroupPlan:
             self._seg[key] = (seg, counts)
         return self._seg[key]
 
+    def scale_cores_(self, factors: torch.Tensor, foreach: bool) -> None:
+        """core_k *= factors[k] for every core, in place.
+
+        The factors are copied into a persistent buffer whose per-core 0-dim views are made
+        once, which saves re-splitting the vector every step."""
+        key = (factors.dtype, str(factors.device))
+        if key not in self._factor_buf:
+            buf = torch.empty_like(factors)
+            self._factor_buf[key] = (buf, list(buf.unbind()))
+        buf, views = self._factor_buf[key]
+        buf.copy_(factors)
+        scale_(self.cores, views, foreach)
+
     def with_grads(self) -> GroupPlan | None:
         """This plan restricted to groups whose cores all have a gradient (``None`` if none)."""
-        keep = [grp for grp in self.groups if all(p.grad is not None for p in grp)]
-        if len(keep) == len(self.groups):
+        if all(p.grad is not None for p in self.cores):
             return self
+        keep = [grp for grp in self.groups if all(p.grad is not None for p in grp)]
         if not keep:
             return None
         sub = GroupPlan.__new__(GroupPlan)
@@ -258,7 +273,7 @@ class GroupPlan:
         pos = {id(p): i for i, p in enumerate(self.cores)}
         sub.group_index = [self.group_index[pos[id(p)]] for p in sub.cores]
         sub.n_groups = len(keep)
-        sub._seg = {}
+        sub._seg, sub._factor_buf = {}, {}
         return sub
 
 

@@ -11,7 +11,6 @@ from tensorsam.optim.base import (
     lr_alpha_per_core,
     norms,
     resolve_groups,
-    scale_,
     segment_sum,
 )
 from tensorsam.optim.schedules import get_schedule
@@ -123,12 +122,12 @@ class DAS(WrappedOptimizer):
         if plan is None:
             return
         cores = plan.cores
-        n = norms(cores, self.foreach)
-        gamma = norms([p.grad for p in cores], self.foreach).to(n).square()
+        both = norms(cores + [p.grad for p in cores], self.foreach)   # one multi-tensor call
+        n, gamma = both[:len(cores)], both[len(cores):].square()
         seg, counts = plan.seg_counts(n.device)
         eta_alpha = lr_alpha_per_core(self.param_groups, plan.group_index, self.alpha_factor(), n)
         if self.variant == "paper":
             lam = das_lambda(n.square(), gamma, seg, counts, eta_alpha, self.normalization, "squared")
         else:
             lam = das_lambda(n.square(), gamma, seg, counts, eta_alpha, "group", "norm")
-        scale_(cores, 1.0 + lam, self.foreach)
+        plan.scale_cores_(1.0 + lam, self.foreach)
