@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tensorsam.optim.base import segment_sum
+
 __all__ = [
     "NormTracker",
     "balancedness",
@@ -115,10 +117,6 @@ def _segments(groups, device) -> tuple[torch.Tensor, torch.Tensor]:
     return index, torch.tensor(sizes, device=device)
 
 
-def _segment_sum(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, index, values)
-
-
 def _split(values: torch.Tensor, groups, single: bool):
     parts = list(values.split([len(g) for g in groups]))
     return parts[0] if single else parts
@@ -134,8 +132,8 @@ def deviation(s: torch.Tensor, index: torch.Tensor | None = None, sizes: torch.T
     if index is None:
         return (s - s.mean()).square().sum()
     n = sizes.numel()
-    dev = s - (_segment_sum(s, index, n) / sizes)[index]
-    return _segment_sum(dev.square(), index, n)
+    dev = s - (segment_sum(s, index, n) / sizes)[index]
+    return segment_sum(dev.square(), index, n)
 
 
 def covariance(s: torch.Tensor, gamma: torch.Tensor, index: torch.Tensor | None = None,
@@ -149,9 +147,9 @@ def covariance(s: torch.Tensor, gamma: torch.Tensor, index: torch.Tensor | None 
     if index is None:
         return ((s - s.mean()) * (gamma - gamma.mean())).mean()
     n = sizes.numel()
-    ds = s - (_segment_sum(s, index, n) / sizes)[index]
-    dg = gamma - (_segment_sum(gamma, index, n) / sizes)[index]
-    return _segment_sum(ds * dg, index, n) / sizes
+    ds = s - (segment_sum(s, index, n) / sizes)[index]
+    dg = gamma - (segment_sum(gamma, index, n) / sizes)[index]
+    return segment_sum(ds * dg, index, n) / sizes
 
 
 def normalizer(gamma: torch.Tensor) -> torch.Tensor:
@@ -302,8 +300,8 @@ class NormTracker:
         return {
             "Q": deviation(s, self._index, sizes),
             "cov": covariance(s, gamma, self._index, sizes),
-            "s_mean": _segment_sum(s, self._index, n) / sizes,
-            "gamma_mean": _segment_sum(gamma, self._index, n) / sizes,
+            "s_mean": segment_sum(s, self._index, n) / sizes,
+            "gamma_mean": segment_sum(gamma, self._index, n) / sizes,
             "u": normalizer(gamma),
         }
 
