@@ -289,3 +289,21 @@ def test_schedules():
     with pytest.raises(ValueError, match="total_steps"):
         get_schedule("linear", None)
     assert get_schedule("constant") is constant
+
+
+@pytest.mark.parametrize("kind", ["das", "nbar", "obar", "rebalance"])
+def test_grad_scaler_skips_a_step_with_inf(kind):
+    params, groups, loss_fn = toy(torch.float32)
+    opt = make(kind, params, groups)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    for bad in (False, True):
+        before = [p.detach().clone() for p in params]
+        opt.zero_grad()
+        scaler.scale(loss_fn()).backward()
+        if bad:
+            params[3].grad[0, 0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+        same = all(torch.equal(a, p) for a, p in zip(before, params))
+        assert same is bad
+    assert opt._step == 1 and scaler.get_scale() == 2.0 ** 7

@@ -176,3 +176,16 @@ def test_grad_scaler_skips_a_step_with_inf_in_either_pass(bad_pass):
     scaler.step(opt)
     scaler.update()
     assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_lr_scheduler_with_two_step_style_does_not_warn(recwarn):
+    params, _, loss_fn = toy()
+    opt = SAM(params, torch.optim.SGD, lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    loss_fn().backward()
+    opt.first_step(zero_grad=True)
+    loss_fn().backward()
+    opt.second_step(zero_grad=True)
+    sched.step()
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
+    assert opt.base_optimizer.param_groups[0]["lr"] == 0.05
