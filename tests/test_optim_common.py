@@ -99,24 +99,30 @@ def test_forbid_sync_fixture_catches_a_sync(forbid_sync):
         bool(torch.ones(()) > 0)
 
 
+def guarded_steps(opt, kind, loss_fn, guard, steps=2):
+    """Steps whose optimizer work runs with the sync guard on (forward/backward with it off);
+    the second step runs with momentum buffers / moments present."""
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn().backward()
+        guard["on"] = True
+        if kind in ("sam", "asam"):
+            opt.first_step(zero_grad=True)
+            guard["on"] = False
+            loss_fn().backward()
+            guard["on"] = True
+            opt.second_step()
+        else:
+            opt.step()
+        guard["on"] = False
+
+
 @pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("kind", ["sam", "asam", "das", "das_group", "nbar", "obar", "rebalance"])
 def test_no_host_sync_in_step_over_sgd_momentum(kind, foreach, forbid_sync):
     params, groups, loss_fn = toy(torch.float32)
     opt = make(kind, params, groups, foreach=foreach, lr=0.05, momentum=0.9)
-    for _ in range(2):           # the second step runs with momentum buffers present
-        opt.zero_grad()
-        loss_fn().backward()
-        forbid_sync["on"] = True
-        if kind in ("sam", "asam"):
-            opt.first_step(zero_grad=True)
-            forbid_sync["on"] = False
-            loss_fn().backward()
-            forbid_sync["on"] = True
-            opt.second_step()
-        else:
-            opt.step()
-        forbid_sync["on"] = False
+    guarded_steps(opt, kind, loss_fn, forbid_sync)
 
 
 @pytest.mark.parametrize("kind", ["sam", "das", "nbar", "rebalance"])
@@ -135,19 +141,7 @@ def test_no_host_sync_in_wrapper_work_over_adam(kind, forbid_sync):
             forbid_sync["on"] = True
 
     opt.base_optimizer.step = unguarded_base_step
-    for _ in range(2):
-        opt.zero_grad()
-        loss_fn().backward()
-        forbid_sync["on"] = True
-        if kind == "sam":
-            opt.first_step(zero_grad=True)
-            forbid_sync["on"] = False
-            loss_fn().backward()
-            forbid_sync["on"] = True
-            opt.second_step()
-        else:
-            opt.step()
-        forbid_sync["on"] = False
+    guarded_steps(opt, kind, loss_fn, forbid_sync)
 
 
 # -- foreach and plain paths agree -----------------------------------------------------------------

@@ -75,6 +75,20 @@ class WrappedOptimizer(torch.optim.Optimizer):
     base param group that lacks them.  ``skip_nonfinite=True`` makes :meth:`step` check the
     gradients once (one host sync, see :meth:`grads_finite`) and, if any is non-finite, leave
     every parameter and all optimizer state untouched; ``skipped_steps`` counts such steps.
+
+    A subclass adds its work in :meth:`before_base_step` / :meth:`after_base_step` (or
+    overrides :meth:`step`, as SAM does)::
+
+        class Shrink(WrappedOptimizer):
+            def __init__(self, params, base_optimizer, factor=0.999, **kwargs):
+                super().__init__(params, base_optimizer, {"factor": factor}, **kwargs)
+
+            @torch.no_grad()
+            def before_base_step(self):
+                for g in self.param_groups:
+                    torch._foreach_mul_(g["params"], g["factor"])
+
+        opt = Shrink(model.parameters(), torch.optim.AdamW, lr=1e-3)
     """
 
     def __init__(self, params, base_optimizer, defaults: dict, *, foreach: bool | None = None,

@@ -55,7 +55,8 @@ class SAM(WrappedOptimizer):
     ``first_step`` saves w and moves to w + e, e = rho * g / ||g|| (norm over all parameters);
     with ``adaptive=True`` (ASAM) e = rho * w^2 * g / || |w| * g || elementwise.  ``second_step``
     restores w exactly (a copy, not a subtraction) and takes the base step with the gradient
-    computed at w + e.  ``rho`` and ``adaptive`` are stored per param group.
+    computed at w + e.  ``rho`` and ``adaptive`` are stored per param group.  Memory: one
+    copy of the parameters (the saved w), allocated on the first step and reused.
 
     Closure style (the closure zeroes the gradients, runs forward and backward, returns the
     loss; it is called twice)::
@@ -142,22 +143,22 @@ class SAM(WrappedOptimizer):
         for g, ps in groups:
             grads = [p.grad for p in ps]
             if g["adaptive"]:
-                grads = self._mul(grads, self._abs([p for p in ps]))
+                grads = self._each("mul", grads, self._each("abs", ps))
             per.append(norms(grads, self.foreach))
         dev = per[0].device
         total = torch.linalg.vector_norm(torch.cat([n.to(dev) for n in per]))
         inv, finite = sam_scale(total)
         self._perturbed = []
         for g, ps in groups:
-            e = self._mul_scalar([p.grad for p in ps], inv * g["rho"])
+            e = self._each("mul", [p.grad for p in ps], inv * g["rho"])
             if g["adaptive"]:
-                e = self._mul(e, self._mul(ps, ps))
+                e = self._each("mul", e, self._each("mul", ps, ps))
             bad = ~finite
             for t in e:       # non-finite first-pass gradient: no perturbation at all
                 t.masked_fill_(bad.to(t.device), 0.0)
             saved = [self._saved.setdefault(p, torch.empty_like(p)) for p in ps]
-            self._copy(saved, ps)
-            self._add(ps, e)
+            self._each("copy_", saved, ps)
+            self._each("add_", ps, e)
             self._perturbed.extend(ps)
         self._first_finite = finite
         self._phase = "perturbed"
@@ -174,18 +175,13 @@ class SAM(WrappedOptimizer):
         if self._phase != "perturbed":
             return
         ps = self._perturbed
-        self._copy(ps, [self._saved[p] for p in ps])
+        self._each("copy_", ps, [self._saved[p] for p in ps])
         grads = self._params_with_grad()
         if grads:
             fin = self._first_finite
             poison = torch.where(fin, torch.zeros((), device=fin.device),
                                  torch.full((), float("nan"), device=fin.device))
-            gs = [p.grad for p in grads]
-            if self.foreach:
-                torch._foreach_add_(gs, poison)
-            else:
-                for t in gs:
-                    t.add_(poison)
+            self._each("add_", [p.grad for p in grads], poison)
         self._phase = "restored"
 
     @torch.no_grad()
@@ -222,29 +218,12 @@ class SAM(WrappedOptimizer):
         return super().state_dict()
 
     # -- plain / foreach primitives ------------------------------------------------------------
-    def _mul(self, xs, ys):
-        if self.foreach:
-            return list(torch._foreach_mul(list(xs), list(ys)))
-        return [x * y for x, y in zip(xs, ys)]
+    def _each(self, op: str, xs, *args):
+        """``torch._foreach_<op>(xs, *args)`` or its per-tensor loop ``x.<op>(...)``.
 
-    def _mul_scalar(self, xs, c: torch.Tensor):
+        A list argument is taken per tensor, anything else (a 0-dim tensor) is shared."""
+        xs = list(xs)
         if self.foreach:
-            return list(torch._foreach_mul(list(xs), c))
-        return [x * c for x in xs]
-
-    def _abs(self, xs):
-        return list(torch._foreach_abs(list(xs))) if self.foreach else [x.abs() for x in xs]
-
-    def _add(self, xs, ys):
-        if self.foreach:
-            torch._foreach_add_(list(xs), list(ys))
-        else:
-            for x, y in zip(xs, ys):
-                x.add_(y)
-
-    def _copy(self, dst, src):
-        if self.foreach:
-            torch._foreach_copy_(list(dst), list(src))
-        else:
-            for d, s in zip(dst, src):
-                d.copy_(s)
+            out = getattr(torch, f"_foreach_{op}")(xs, *args)
+            return None if out is None else list(out)
+        return [getattr(x, op)(*(a[i] if isinstance(a, list) else a for a in args)) for i, x in enumerate(xs)]
