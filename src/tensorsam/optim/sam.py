@@ -155,8 +155,11 @@ class SAM(WrappedOptimizer):
                 e = self._each("mul", e, self._each("mul", ps, ps))
             bad = ~finite
             for t in e:       # non-finite first-pass gradient: no perturbation at all
-                t.masked_fill_(bad.to(t.device), 0.0)
-            saved = [self._saved.setdefault(p, torch.empty_like(p)) for p in ps]
+                t.masked_fill_(bad if t.device == bad.device else bad.to(t.device), 0.0)
+            saved = [self._saved.get(p) for p in ps]
+            for i, p in enumerate(ps):
+                if saved[i] is None:
+                    saved[i] = self._saved[p] = torch.empty_like(p)
             self._each("copy_", saved, ps)
             self._each("add_", ps, e)
             self._perturbed.extend(ps)
@@ -169,19 +172,21 @@ class SAM(WrappedOptimizer):
     def restore(self) -> None:
         """Put the saved weights w back exactly (no-op unless perturbed).
 
-        If the first-pass gradient was non-finite, NaN is added to the current gradients so that
-        a GradScaler or ``skip_nonfinite`` skips this step (a step is non-finite if either pass is).
+        If the first-pass gradient was non-finite, NaN is added to the current gradient (one
+        tensor per device) so that a GradScaler or ``skip_nonfinite`` skips this step: a step is
+        non-finite if either pass is.
         """
         if self._phase != "perturbed":
             return
         ps = self._perturbed
         self._each("copy_", ps, [self._saved[p] for p in ps])
-        grads = self._params_with_grad()
-        if grads:
-            fin = self._first_finite
-            poison = torch.where(fin, torch.zeros((), device=fin.device),
-                                 torch.full((), float("nan"), device=fin.device))
-            self._each("add_", [p.grad for p in grads], poison)
+        fin = self._first_finite
+        poison = torch.where(fin, torch.zeros((), device=fin.device), torch.full((), float("nan"), device=fin.device))
+        first_on_device = {}
+        for p in self._params_with_grad():   # one gradient per device is enough for any inf check
+            first_on_device.setdefault(p.grad.device, p.grad)
+        for grad in first_on_device.values():
+            grad.add_(poison.to(grad.device))
         self._phase = "restored"
 
     @torch.no_grad()
