@@ -229,13 +229,16 @@ def das_step_hand(cores, g, eta, alpha):
     return [(1 + lk) * c - eta * x for lk, c, x in zip(lam, cores, g)]
 
 
-def das_step_real(cores, g, eta, alpha):
+def das_step_real(cores, g, eta, alpha, sizes=None, normalization="global"):
+    """One step of tensorsam.optim.DAS over SGD(lr=eta); ``sizes`` splits the cores into groups."""
     from tensorsam.optim import DAS
 
     params = [c.clone().requires_grad_(True) for c in cores]
     for p, x in zip(params, g):
         p.grad = x.clone()
-    opt = DAS(params, torch.optim.SGD, groups=[params], alpha=alpha, lr=eta)
+    bounds = list(itertools.accumulate(sizes or [len(params)], initial=0))
+    groups = [params[a:b] for a, b in itertools.pairwise(bounds)]
+    opt = DAS(params, torch.optim.SGD, groups=groups, alpha=alpha, lr=eta, normalization=normalization)
     opt.step()
     return [p.detach() for p in params]
 
@@ -256,3 +259,27 @@ def test_das_matches_sam_delta_q_first_order(fmt, das_step):
         d_das = dynamics.norm_deviation(das_step(cores, g, eta, rho)) - q0
         errors.append(float(abs((d_das - d_sgd) - (d_sam - d_sgd)) / abs(d_sam - d_sgd)))
     assert_linear_decay(errors, f"DAS vs SAM ({fmt})")
+
+
+def test_das_global_u_matches_multilayer_sam():
+    """On two groups, DAS with normalization='global' (u_D) reproduces each layer's Delta Q_SAM to
+    first order (Theorem A.2); u per group ('group') does not: it is off by u_l / u_D."""
+    cores, f, sizes = two_layer(1)
+    g = grad(f, cores)
+    slices = (slice(0, 3), slice(3, 7))
+    q0 = [dynamics.norm_deviation(cores[sl]) for sl in slices]
+    errors = {"global": [], "group": []}
+    for rho in RHOS:
+        eta = rho**3
+        sgd, sam = step(cores, g, eta), step(cores, sam_grad(f, cores, rho, g), eta)
+        for norm, errs in errors.items():
+            das = das_step_real(cores, g, eta, rho, sizes, normalization=norm)
+            worst = 0.0
+            for sl, q in zip(slices, q0):
+                d_sgd = dynamics.norm_deviation(sgd[sl]) - q
+                d_sam = dynamics.norm_deviation(sam[sl]) - q
+                d_das = dynamics.norm_deviation(das[sl]) - q
+                worst = max(worst, float(abs(d_das - d_sam) / abs(d_sam - d_sgd)))
+            errs.append(worst)
+    assert_linear_decay(errors["global"], "DAS (global u) vs multi-layer SAM")
+    assert min(errors["group"]) > 0.2, f"per-group u should not match SAM's global u_D: {errors['group']}"
