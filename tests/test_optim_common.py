@@ -3,6 +3,7 @@ trips bit for bit, schedulers, zero_grad, skip_nonfinite, base optimizer handlin
 
 The toy problem (``toy``) is imported by the other optimizer test files."""
 
+import copy
 import math
 
 import pytest
@@ -301,3 +302,14 @@ def test_grad_scaler_skips_a_step_with_inf(kind):
         same = all(torch.equal(a, p) for a, p in zip(before, params))
         assert same is bad
     assert opt._step == 1 and scaler.get_scale() == 2.0 ** 7
+
+
+@pytest.mark.parametrize("kind", ["sam", "das", "nbar", "rebalance"])
+def test_deepcopy_keeps_the_wrapper(kind):
+    params, groups, loss_fn = toy()
+    opt = make(kind, params, groups)
+    train(opt, loss_fn, 1)
+    clone = copy.deepcopy(opt)
+    assert type(clone.base_optimizer) is torch.optim.SGD and clone._step == opt._step
+    assert clone.param_groups is clone.base_optimizer.param_groups
+    assert clone.state_dict()["wrapper"] == opt.state_dict()["wrapper"]

@@ -125,6 +125,10 @@ class WrappedOptimizer(torch.optim.Optimizer):
         self.defaults.update({k: v for k, v in base.defaults.items() if k not in self.defaults})
 
     # -- param groups and state ---------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        # torch's Optimizer pickles only defaults/state/param_groups; a wrapper needs all of it
+        return self.__dict__.copy()
+
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "_initialising", True):
             return super().add_param_group(param_group)
