@@ -199,7 +199,7 @@ def test_tracker_files(tmp_path, fmt):
 
 
 def test_tracker_on_a_model_uses_discovered_groups(tmp_path):
-    from tensorsam.groups import scale_invariant_groups
+    from tensorsam.groups import named_scale_invariant_groups, scale_invariant_groups
     from tensorsam.nn import TensorizedLinear
 
     torch.manual_seed(0)
@@ -215,6 +215,9 @@ def test_tracker_on_a_model_uses_discovered_groups(tmp_path):
     assert rows[0]["group"] != rows[1]["group"] and "0" in rows[0]["group"]  # module names
     assert [r["Q"] for r in rows] == pytest.approx(dynamics.norm_deviation(groups).tolist())
     assert [r["cov"] for r in rows] == pytest.approx(dynamics.norm_grad_covariance(groups).tolist())
+    named = named_scale_invariant_groups(model)  # Group objects are accepted as groups too
+    torch.testing.assert_close(dynamics.norm_deviation(named), dynamics.norm_deviation(groups))
+    torch.testing.assert_close(dynamics.norm_deviation(named[1]), dynamics.norm_deviation(groups[1]))
     with pytest.raises(ValueError, match="no scale-invariant groups"):
         dynamics.NormTracker(torch.nn.Linear(3, 2))
 

@@ -4,9 +4,9 @@ Notation (SPEC §1): a group is an ordered list of cores G_1..G_K that compose m
 s_k = ||G_k||_F^2, gamma_k = ||g_k||_F^2 with g_k the gradient of core k, and bars are means
 over the group.
 
-Every public function takes either **one group** (a sequence of tensors, or an object with a
-``.cores`` attribute such as a :class:`~tensorsam.tensors.base.FactorizedTensor`) or **a list
-of groups**, and then returns one value per group.  All norms are taken with a single
+Every public function takes either **one group** (a sequence of tensors, an object with a
+``.cores`` attribute such as a :class:`~tensorsam.tensors.base.FactorizedTensor`, or a
+:class:`tensorsam.groups.Group`) or **a list of groups**, and then returns one value per group.  All norms are taken with a single
 ``torch._foreach_norm`` over every tensor involved and reduced with segment sums, so nothing
 here synchronises with the host; only :class:`NormTracker` syncs, once per recorded step, when
 it copies its numbers out.
@@ -62,8 +62,10 @@ def _group(obj, where: str) -> list[torch.Tensor]:
 
 
 def _is_single(obj) -> bool:
-    if getattr(obj, "cores", None) is not None or isinstance(obj, nn.ParameterList):
+    if isinstance(obj, nn.ParameterList) or getattr(obj, "cores", None) is not None:
         return True
+    if not isinstance(obj, torch.Tensor) and getattr(obj, "params", None) is not None:
+        return True  # a tensorsam.groups.Group
     if isinstance(obj, Sequence) and len(obj) > 0:
         return isinstance(obj[0], torch.Tensor)
     return False
