@@ -30,7 +30,8 @@ def random_setup(seed, scales):
 
 
 def expected_das(groups, eta, alpha, normalization, variant):
-    """(1 + lambda_k) G_k - eta g_k with lambda_k from Eq. 9, in plain python floats."""
+    """(1 + lambda_k) G_k - eta g_k with lambda_k from Eq. 9, in plain python floats (the total
+    of gamma is over the given groups, so pass only groups with gradients)."""
     s = [[(p.detach() ** 2).sum().tolist() for p in grp] for grp in groups]
     gam = [[(p.grad ** 2).sum().tolist() for p in grp] for grp in groups]
     total = sum(sum(gs) for gs in gam)
@@ -43,7 +44,7 @@ def expected_das(groups, eta, alpha, normalization, variant):
             u = (len(gs) * gbar) ** -0.5
         for p, sk, gk in zip(grp, ss, gs):
             div = sk if variant == "paper" else sk ** 0.5
-            lam = eta * alpha * u * (gk - gbar) / div
+            lam = 0.0 if div == 0 else eta * alpha * u * (gk - gbar) / div   # zero core: lambda = 0
             out.append((1 + lam) * p.detach() - eta * p.grad)
     return out
 
@@ -144,3 +145,19 @@ def test_bad_arguments_are_refused():
         DAS(params, torch.optim.SGD, groups=[groups[0], groups[0][:2]], alpha=0.1, lr=0.1)
     with pytest.raises(ValueError, match="empty"):
         DAS(params, torch.optim.SGD, groups=[[]], alpha=0.1, lr=0.1)
+
+
+def test_zero_core_zero_grads_and_partly_missing_grads_in_a_full_step():
+    groups, bias = random_setup(2, [1.0])
+    params = [p for grp in groups for p in grp] + [bias]
+    with torch.no_grad():
+        groups[0][1].zero_()
+    groups[1][0].grad.zero_()
+    groups[1][1].grad.zero_()                 # group 1: all-zero gradient
+    groups[2][0].grad = None                  # group 2: skipped (a core without gradient)
+    want = expected_das(groups[:2], 0.1, 1.0, "global", "paper")
+    opt = DAS(params, torch.optim.SGD, groups=groups, alpha=1.0, lr=0.1)
+    opt.step()
+    for p, w in zip([p for grp in groups[:2] for p in grp], want):
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p.detach(), w, rtol=1e-12, atol=1e-14)

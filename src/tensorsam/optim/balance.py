@@ -62,7 +62,7 @@ def rebalance_(groups, optimizer: torch.optim.Optimizer | None = None, foreach: 
                 rebalance_(model, opt)
     """
     groups = resolve_groups(groups, None)
-    plan = GroupPlan(groups, [{"params": [p for grp in groups for p in grp]}])
+    plan = GroupPlan(groups, group_index=[0] * sum(len(g) for g in groups))
     _rebalance_plan(plan, optimizer, resolve_foreach(foreach))
 
 

@@ -245,16 +245,25 @@ def lr_alpha_per_core(param_groups: list[dict], group_index: Sequence[int], alph
 
 
 class GroupPlan:
-    """The groups of one optimizer as flat cores + segment index (built once, reused)."""
+    """The groups of one optimizer as flat cores + segment index (built once, reused).
 
-    def __init__(self, groups: list[list[nn.Parameter]], param_groups: list[dict]):
-        where = {id(p): i for i, g in enumerate(param_groups) for p in g["params"]}
+    ``group_index[k]`` is the param group of core k.  The segment tensors are made on the
+    cores' device at construction, so a step never copies from the host."""
+
+    def __init__(self, groups: list[list[nn.Parameter]], param_groups: list[dict] | None = None,
+                 group_index: list[int] | None = None):
         self.groups = groups
         self.cores = [p for grp in groups for p in grp]
-        self.group_index = [where[id(p)] for p in self.cores]
+        if group_index is None:
+            where = {id(p): i for i, g in enumerate(param_groups) for p in g["params"]}
+            group_index = [where[id(p)] for p in self.cores]
+        self.group_index = group_index
         self.n_groups = len(groups)
         self._seg: dict = {}
         self._factor_buf: dict = {}
+        self._subplans: dict = {}
+        if self.cores:
+            self.seg_counts(self.cores[0].device)
 
     def seg_counts(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(seg, counts) on ``device``: cached, so the host copy happens once per device."""
@@ -279,28 +288,29 @@ class GroupPlan:
         scale_(self.cores, views, foreach)
 
     def with_grads(self) -> GroupPlan | None:
-        """This plan restricted to groups whose cores all have a gradient (``None`` if none)."""
+        """This plan restricted to groups whose cores all have a gradient (``None`` if none).
+
+        Restricted plans are cached per pattern of active groups."""
         if all(p.grad is not None for p in self.cores):
             return self
-        keep = [grp for grp in self.groups if all(p.grad is not None for p in grp)]
-        if not keep:
+        active = tuple(i for i, grp in enumerate(self.groups) if all(p.grad is not None for p in grp))
+        if not active:
             return None
-        sub = GroupPlan.__new__(GroupPlan)
-        sub.groups = keep
-        sub.cores = [p for grp in keep for p in grp]
-        pos = {id(p): i for i, p in enumerate(self.cores)}
-        sub.group_index = [self.group_index[pos[id(p)]] for p in sub.cores]
-        sub.n_groups = len(keep)
-        sub._seg, sub._factor_buf = {}, {}
-        return sub
+        if active not in self._subplans:
+            starts = [0]
+            for grp in self.groups:
+                starts.append(starts[-1] + len(grp))
+            index = [self.group_index[k] for i in active for k in range(starts[i], starts[i + 1])]
+            self._subplans[active] = GroupPlan([self.groups[i] for i in active], group_index=index)
+        return self._subplans[active]
 
 
 def resolve_groups(groups, params_owned: Iterable[torch.Tensor] | None, what: str = "groups",
                    size: int | None = None) -> list[list[nn.Parameter]]:
     """Check user groups: a model (discovered with ``scale_invariant_groups``) or lists of params.
 
-    Every grouped parameter must be one of ``params_owned`` (unless it is ``None``) and appear in one group only;
-    ``size`` (e.g. 2 for BAR pairs) fixes the number of cores per group.
+    Every grouped parameter must be one of ``params_owned`` (unless it is ``None``) and appear
+    in one group only; ``size`` (e.g. 2 for BAR pairs) fixes the number of cores per group.
     """
     if groups is None:
         raise ValueError(f"{what} is required: pass a model (groups are then discovered) or a list "
