@@ -207,6 +207,9 @@ class SAM(WrappedOptimizer):
         """With a closure (zero_grad + forward + backward, returning the loss): a full SAM step,
         returning the loss at w.  Without one: :meth:`second_step` (after :meth:`first_step`)."""
         if closure is None:
+            if self._phase == "idle":
+                raise RuntimeError("SAM.step() without a closure is second_step() and needs first_step() "
+                                   "before it; pass a closure (zero_grad + forward + backward) for a full step")
             return self.second_step()
         with torch.enable_grad():
             loss = closure()
