@@ -108,9 +108,8 @@ class _SingleThreaded(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        out, leaves = ctx.inner
-        del ctx.inner
+        out, leaves = ctx.inner  # kept (and the inner graph retained) for a repeated backward
         need = [x for x in leaves if x.requires_grad]
         with single_thread():
-            grads = iter(torch.autograd.grad(out, need, grad))
+            grads = iter(torch.autograd.grad(out, need, grad, retain_graph=True))
         return (None, *(next(grads) if x.requires_grad else None for x in leaves))

@@ -1,0 +1,251 @@
+"""Tensorized layers: both forward modes agree with each other and with a dense layer built
+from ``reconstruct()`` by the documented permutation; gradients; from_dense; tensorize; init."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from tensorsam.nn import TensorizedConv2d, TensorizedLinear, default_modes, tensorize
+from tensorsam.nn import layers as layers_mod
+
+FORMATS = ("cp", "tucker", "tt", "tr", "ttm")
+F64 = torch.float64
+
+
+def weight_from_reconstruct(layer) -> torch.Tensor:
+    """The dense weight, independently of the layer's own einsum: reconstruct() in the
+    documented layout, then a permutation to (out, in[, k_h, k_w])."""
+    ft = layer.weight_factors
+    kh, kw = getattr(layer, "kernel_size", (1, 1))
+    conv = isinstance(layer, TensorizedConv2d)
+    if layer.format == "ttm":  # (rows = out modes, cols = in modes [, k]) matrix
+        w = ft.to_matrix()
+        return w.reshape(layer.out_size, layer.in_size, kh, kw) if conv else w
+    t = ft.reconstruct()
+    if conv:  # (in modes, k_h*k_w, out modes) -> (C_out, C_in, k_h, k_w)
+        return t.reshape(layer.in_size, kh, kw, layer.out_size).permute(3, 0, 1, 2)
+    return t.reshape(layer.in_size, layer.out_size).t()
+
+
+modes = st.lists(st.integers(1, 3), min_size=1, max_size=2)
+
+
+@settings(max_examples=25)
+@given(fmt=st.sampled_from(FORMATS), in_modes=modes, out_modes=modes, rank=st.integers(1, 3),
+       batch=st.integers(1, 3))
+def test_linear_modes_agree(fmt, in_modes, out_modes, rank, batch):
+    in_f, out_f = math.prod(in_modes), math.prod(out_modes)
+    layer = TensorizedLinear(in_f, out_f, format=fmt, rank=rank, shape=(in_modes, out_modes), dtype=F64)
+    x = torch.randn(batch, 2, in_f, dtype=F64)
+    yf, yr = layer.forward_factorized(x), layer.forward_reconstructed(x)
+    ref = F.linear(x, weight_from_reconstruct(layer), layer.bias)
+    torch.testing.assert_close(yf, yr, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(yr, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer(x), yr, rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=25)
+@given(fmt=st.sampled_from(FORMATS), c_in=st.sampled_from([1, 2, 4, 6]), c_out=st.sampled_from([1, 3, 4]),
+       k=st.sampled_from([(1, 1), (3, 3), (2, 3)]), stride=st.integers(1, 2), padding=st.integers(0, 2),
+       dilation=st.integers(1, 2), rank=st.integers(1, 3))
+def test_conv_modes_agree(fmt, c_in, c_out, k, stride, padding, dilation, rank):
+    layer = TensorizedConv2d(c_in, c_out, k, format=fmt, rank=rank, shape=((c_in,), (c_out,)) if c_in < 4
+                             else None, stride=stride, padding=padding, dilation=dilation, dtype=F64)
+    x = torch.randn(2, c_in, 7, 6, dtype=F64)
+    yf, yr = layer.forward_factorized(x), layer.forward_reconstructed(x)
+    ref = F.conv2d(x, weight_from_reconstruct(layer), layer.bias, stride, padding, dilation)
+    assert yf.shape == ref.shape
+    torch.testing.assert_close(yf, yr, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(yr, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_table2_shape_maps_channel_axes():
+    """A flat (in modes, 9, out modes) shape is accepted and the modes are the real axes."""
+    layer = TensorizedConv2d(32, 16, 3, format="tr", rank=2, shape=(4, 4, 2, 9, 4, 2, 2), padding=1, dtype=F64)
+    assert layer.in_modes == (4, 4, 2) and layer.out_modes == (4, 2, 2)
+    w = layer.dense_weight()
+    t = layer.weight_factors.reconstruct()  # (i1, i2, i3, k, o1, o2, o3)
+    # input channel 13 = (1, 2, 1) in modes (4, 4, 2); output channel 11 = (2, 1, 1) in (4, 2, 2); tap (2, 0) = 6
+    torch.testing.assert_close(w[11, 13, 2, 0], t[1, 2, 1, 6, 2, 1, 1])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("mode", ["factorized", "reconstructed"])
+def test_gradcheck(fmt, mode):
+    torch.manual_seed(0)
+    lin = TensorizedLinear(6, 4, format=fmt, rank=2, shape=((3, 2), (2, 2)), forward_mode=mode, dtype=F64)
+    conv = TensorizedConv2d(4, 3, 3, format=fmt, rank=2, shape=((2, 2), (3,)), padding=1, stride=2,
+                            forward_mode=mode, dtype=F64)
+    for layer, x in ((lin, torch.randn(3, 6, dtype=F64)), (conv, torch.randn(1, 4, 4, 4, dtype=F64))):
+        params = list(layer.parameters())
+        assert 10 < sum(p.numel() for p in params) + x.numel() <= 250
+        x.requires_grad_(True)
+
+        names = [n for n, _ in layer.named_parameters()]
+
+        def f(x, *ps, layer=layer, names=names):
+            return torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
+
+        inputs = (x, *[p.detach().clone().requires_grad_(True) for p in params])
+        assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+def test_single_threaded_contraction_gradients_match():
+    """The single-threaded inner-graph path gives the same gradients as plain autograd."""
+    torch.manual_seed(0)
+    layer = TensorizedConv2d(8, 8, 3, format="tr", rank=3, padding=1, forward_mode="reconstructed", dtype=F64)
+    x = torch.randn(2, 8, 5, 5, dtype=F64)
+    threads = torch.get_num_threads()
+    grads = []
+    for n in (max(threads, 2), 1):  # > 1 thread takes the inner-graph path, 1 thread plain autograd
+        torch.set_num_threads(n)
+        try:
+            layer.zero_grad()
+            layer(x).square().sum().backward()
+            grads.append([p.grad.clone() for p in layer.cores])
+        finally:
+            torch.set_num_threads(threads)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_from_dense_exact_low_rank(fmt):
+    torch.manual_seed(1)
+    # tensorly's TR-SVD is exact only for a ring whose closing rank is 1
+    rank, lin_rank = ((1, 2, 2), (1, 2, 2, 2)) if fmt == "tr" else (2, 2)
+    src = TensorizedConv2d(4, 6, 3, format=fmt, rank=rank, shape=((4,), (6,)), padding=1, dtype=F64)
+    dense = nn.Conv2d(4, 6, 3, padding=1).double()
+    with torch.no_grad():
+        dense.weight.copy_(src.dense_weight())
+    kw = {"n_iter_max": 2000, "tol": 1e-14} if fmt == "cp" else {}
+    layer = TensorizedConv2d.from_dense(dense, fmt, rank, shape=((4,), (6,)), **kw)
+    x = torch.randn(2, 4, 5, 5, dtype=F64)
+    torch.testing.assert_close(layer(x), dense(x), rtol=1e-6, atol=1e-8)
+    assert layer.stride == dense.stride and layer.padding == dense.padding
+
+    # CP-ALS converges slowly on 4th-order tensors; its matrix case has an exact SVD start
+    lshape = ((6,), (8,)) if fmt == "cp" else ((2, 3), (2, 4))
+    lsrc = TensorizedLinear(6, 8, format=fmt, rank=lin_rank, shape=lshape, dtype=F64)
+    lin = nn.Linear(6, 8).double()
+    with torch.no_grad():
+        lin.weight.copy_(lsrc.dense_weight())
+    new = TensorizedLinear.from_dense(lin, fmt, lin_rank, shape=lshape, **kw)
+    x = torch.randn(3, 6, dtype=F64)
+    torch.testing.assert_close(new(x), lin(x), rtol=1e-6, atol=1e-8)
+
+
+def test_auto_chooses_without_touching_grads(monkeypatch):
+    monkeypatch.setattr(layers_mod, "AUTO_TIMING_MARGIN", float("inf"))  # always time
+    monkeypatch.setattr(layers_mod, "_MODE_CACHE", {})
+    layer = TensorizedLinear(16, 16, format="tt", rank=2)
+    x = torch.randn(4, 16, requires_grad=True)
+    y = layer(x)
+    assert all(p.grad is None for p in layer.parameters()) and x.grad is None
+    torch.testing.assert_close(y, layer.forward_factorized(x), rtol=1e-5, atol=1e-6)
+    assert len(layers_mod._MODE_CACHE) == 1
+    y.sum().backward()  # the caller's graph is intact
+    assert x.grad is not None and layer.cores[0].grad is not None
+
+
+def test_auto_uses_estimate_without_timing(monkeypatch):
+    monkeypatch.setenv("TENSORSAM_AUTO_TIMING", "0")
+    monkeypatch.setattr(layers_mod, "AUTO_TIMING_MARGIN", float("inf"))
+    monkeypatch.setattr(layers_mod, "_MODE_CACHE", {})
+    layer = TensorizedLinear(16, 16, format="tt", rank=2)
+
+    def boom(*a, **k):
+        raise AssertionError("timed although timing is disabled")
+
+    monkeypatch.setattr(layer, "time_modes", boom)
+    x = torch.randn(4, 16)
+    est = layer.estimated_costs(x)
+    assert layer.choose_mode(x) == min(est, key=est.get)
+
+
+def test_estimate_prefers_factorized_for_tiny_rank_and_reconstructed_for_tr_conv():
+    lin = TensorizedLinear(1024, 1024, format="cp", rank=2)
+    est = lin.estimated_costs(torch.empty(128, 1024))
+    assert est["factorized"] < est["reconstructed"]
+    conv = TensorizedConv2d(32, 32, 3, format="tr", rank=15, shape=(4, 4, 2, 9, 4, 4, 2), padding=1)
+    est = conv.estimated_costs(torch.empty(128, 32, 16, 16))
+    assert est["reconstructed"] < est["factorized"]
+
+
+@pytest.mark.parametrize("fmt", ["cp", "tucker", "tt", "tr"])
+def test_init_matches_kaiming_variance(fmt):
+    torch.manual_seed(0)
+    fan_in = 64 * 9
+    vs = [TensorizedConv2d(64, 64, 3, format=fmt, rank=8).dense_weight().var().item() for _ in range(6)]
+    assert sum(vs) / len(vs) == pytest.approx(2.0 / fan_in, rel=0.25)
+
+
+def test_default_modes_and_shapes():
+    assert default_modes(1024, "tt") == (16, 8, 8)
+    assert default_modes(64, "cp") == (64,)
+    assert default_modes(5, "tr") == (5,)
+    layer = TensorizedLinear(1024, 64, format="tr", rank=2)
+    assert layer.tensor_shape == (16, 8, 8, 8, 8)
+
+
+def test_tensorize_summary_and_decompose():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2),
+                          nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 4))
+    dense_params = sum(p.numel() for p in model.parameters())
+    s = tensorize(model, "tt", 2, exclude=["6"], min_params=100)
+    assert s.params_before == dense_params
+    assert s.params_after == sum(p.numel() for p in model.parameters())
+    assert [r.name for r in s.layers] == ["0", "4"]
+    assert [n for n, _ in s.skipped] == ["2"]  # groups=2 cannot be tensorized; "6" excluded
+    assert isinstance(model[0], TensorizedConv2d) and isinstance(model[4], TensorizedLinear)
+    assert type(model[6]) is nn.Linear
+    for r in s.layers:
+        assert r.ratio == pytest.approx(r.params_before / r.params_after)
+    assert s.layers[1].params_before == 128 * 16 + 16
+    assert s.layers[1].params_after == model[4].weight_factors.dof() + 16
+    text = str(s)
+    assert "model" in text and f"{s.params_before:,}" in text and f"{s.layers[1].ratio:.2f}x" in text
+    assert model(torch.randn(2, 3, 6, 6)).shape == (2, 4)
+
+    # decompose=True at full Tucker rank (the 6x4 matrix has rank 4) keeps the function
+    net = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 6, dtype=F64)
+    before = net(x)
+    s = tensorize(net, "tucker", 4, decompose=True, include=["0"])
+    assert [r.name for r in s.layers] == ["0"]
+    torch.testing.assert_close(net(x), before, rtol=1e-8, atol=1e-10)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="unknown tensor format 'foo'"):
+        TensorizedLinear(8, 8, format="foo", rank=2)
+    with pytest.raises(ValueError, match="does not match the layer"):
+        TensorizedLinear(8, 8, format="tt", rank=2, shape=(2, 2, 3, 2))
+    with pytest.raises(ValueError, match="does not match the layer"):
+        TensorizedConv2d(4, 4, 3, format="tr", rank=2, shape=(2, 2, 8, 2, 2))
+    with pytest.raises(ValueError, match="rank"):
+        TensorizedLinear(8, 8, format="tt", rank=0)
+    with pytest.raises(ValueError, match="rank"):
+        TensorizedConv2d(8, 8, 3, format="cp", rank=-1)
+    with pytest.raises(ValueError, match="rank"):
+        TensorizedLinear(8, 8, format="tr", rank=(2, 2, 2), shape=((8,), (8,)))
+    with pytest.raises(ValueError, match="forward_mode"):
+        TensorizedLinear(8, 8, format="tt", rank=2, forward_mode="fast")
+    layer = TensorizedLinear(8, 8, format="tt", rank=2)
+    with pytest.raises(ValueError, match=r"input has shape \(2, 7\)"):
+        layer(torch.randn(2, 7))
+    conv = TensorizedConv2d(4, 4, 3, format="tt", rank=2)
+    with pytest.raises(ValueError, match="expected \\(N, 4, H, W\\)"):
+        conv(torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="unknown layers"):
+        tensorize(nn.Sequential(nn.Linear(4, 4)), "tt", {"nope": 2})
+    with pytest.raises(ValueError, match="unknown tensor format"):
+        tensorize(nn.Sequential(nn.Linear(4, 4)), "nope", 2)
+    with pytest.raises(ValueError, match="groups=1"):
+        TensorizedConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=2), "tt", 2)
