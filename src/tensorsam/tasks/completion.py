@@ -274,7 +274,9 @@ class Objective:
         """Compute the gradient at the current cores into ``.grad``; returns the loss."""
         loss, grads = self.loss_and_grads([c.detach() for c in self.cores])
         for p, g in zip(self.cores, grads):
-            p.grad = g
+            # einsum's backward can return transposed strides; torch 2.13's fused CPU Adam then
+            # pairs gradient and parameter entries wrongly (silently), so make them contiguous
+            p.grad = g.contiguous()
         return loss
 
     @torch.no_grad()
