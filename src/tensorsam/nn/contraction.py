@@ -39,7 +39,8 @@ class Contraction:
     out_shape: tuple[int, ...] | None = None  # reshape of the result, done inside the contraction
 
     def __call__(self, *operands: torch.Tensor) -> torch.Tensor:
-        if self.flops > SINGLE_THREAD_MAX_FLOPS or torch.get_num_threads() == 1:
+        if (self.flops > SINGLE_THREAD_MAX_FLOPS or torch.get_num_threads() == 1
+                or operands[0].device.type != "cpu"):
             return self.run(*operands)
         if not (torch.is_grad_enabled() and any(o.requires_grad for o in operands)):
             with single_thread():

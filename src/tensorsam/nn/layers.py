@@ -42,11 +42,12 @@ FORWARD_MODES = ("auto", "factorized", "reconstructed")
 # the choice of forward_mode='auto', keyed by layer signature and input (see choose_mode)
 _MODE_CACHE: dict[tuple, str] = {}
 AUTO_TIMING_ENV = "TENSORSAM_AUTO_TIMING"
-AUTO_TIMING_MARGIN = 2.5
+AUTO_TIMING_MARGIN = 16.0  # estimates further apart than this are trusted without timing
 AUTO_TIMING_REPEATS = 3
+AUTO_CLEAR_WIN = 2.0
 # cost units per im2col element of the factorized conv: F.unfold forward plus its col2im
-# backward are memory-bound scatters, measured at ~100 multiply-adds per element on CPU
-UNFOLD_WEIGHT = 128.0
+# backward are memory-bound scatters, measured at a few hundred multiply-adds per element on CPU
+UNFOLD_WEIGHT = 256.0
 # formats whose default tensorization keeps the natural (in, [k*k], out) modes
 NATURAL_MODE_FORMATS = ("cp", "tucker")
 
@@ -242,7 +243,8 @@ class _TensorizedLayer(nn.Module):
 
     def time_modes(self, x: torch.Tensor, grad: bool, repeats: int = AUTO_TIMING_REPEATS) -> dict[str, float]:
         """Fastest of ``repeats`` interleaved runs of each mode (forward, plus backward when
-        ``grad``), in seconds, after one warm-up run each.
+        ``grad``), in seconds, after one warm-up run each; when one mode's warm-up already
+        takes over :data:`AUTO_CLEAR_WIN` times the other's, the warm-up times are returned.
 
         Runs on a detached copy of ``x`` and takes gradients with ``torch.autograd.grad``, so
         no ``.grad`` is accumulated and the caller's graph is not touched.
@@ -261,13 +263,14 @@ class _TensorizedLayer(nn.Module):
             sync()
             return time.perf_counter() - t0
 
-        times: dict[str, list[float]] = {m: [] for m in fns}
-        for m, fn in fns.items():  # warm-up: path compilation, allocator, kernels
-            once(fn)
+        times = {m: [once(fn)] for m, fn in fns.items()}  # first run: also warms up
+        first = sorted(t[0] for t in times.values())
+        if first[1] > AUTO_CLEAR_WIN * first[0]:  # a clear win needs no repeats
+            return {m: t[0] for m, t in times.items()}
         for _ in range(repeats):
             for m, fn in fns.items():
                 times[m].append(once(fn))
-        return {m: min(t) for m, t in times.items()}
+        return {m: min(t[1:]) for m, t in times.items()}
 
     def _check_input(self, x: torch.Tensor) -> None:
         raise NotImplementedError
