@@ -313,3 +313,34 @@ def test_deepcopy_keeps_the_wrapper(kind):
     assert type(clone.base_optimizer) is torch.optim.SGD and clone._step == opt._step
     assert clone.param_groups is clone.base_optimizer.param_groups
     assert clone.state_dict()["wrapper"] == opt.state_dict()["wrapper"]
+
+
+# -- bad strengths and groups ----------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.1])
+def test_non_finite_or_negative_strengths_are_refused_also_per_group(bad):
+    params, groups, _ = toy()
+    with pytest.raises(ValueError, match="rho must be a finite non-negative"):
+        SAM(params, torch.optim.SGD, rho=bad, lr=0.1)
+    with pytest.raises(ValueError, match="alpha must be a finite non-negative"):
+        DAS(params, torch.optim.SGD, groups=groups, alpha=bad, lr=0.1)
+    with pytest.raises(ValueError, match="alpha must be a finite non-negative"):
+        BAR([{"params": params[:3]}, {"params": params[3:], "alpha": bad}], torch.optim.SGD,
+            pairs=[groups[1]], alpha=0.1, total_steps=5, lr=0.1)
+    sam = SAM(params[:-1], torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="rho must be a finite non-negative"):
+        sam.add_param_group({"params": [params[-1]], "rho": bad})
+
+
+@pytest.mark.parametrize("kind", ["das", "nbar", "rebalance"])
+def test_empty_groups_and_frozen_cores_are_refused(kind):
+    params, groups, _ = toy()
+    key = "pairs" if kind == "nbar" else "groups"
+    cls, kw = {"das": (DAS, {"alpha": 0.1}), "nbar": (BAR, {"alpha": 0.1, "total_steps": 5}),
+               "rebalance": (Rebalance, {})}[kind]
+    with pytest.raises(ValueError, match="empty"):
+        cls(params, torch.optim.SGD, lr=0.1, **{key: []}, **kw)
+    with pytest.raises(ValueError, match="no scale-invariant groups"):
+        cls(params, torch.optim.SGD, lr=0.1, **{key: nn.Linear(2, 2)}, **kw)
+    params[3].requires_grad_(False)
+    with pytest.raises(ValueError, match="does not require grad"):
+        cls(params, torch.optim.SGD, lr=0.1, **{key: [groups[1]]}, **kw)

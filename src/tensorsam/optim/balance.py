@@ -61,7 +61,7 @@ def rebalance_(groups, optimizer: torch.optim.Optimizer | None = None, foreach: 
             if step % 100 == 99:
                 rebalance_(model, opt)
     """
-    groups = resolve_groups(groups, None)
+    groups = resolve_groups(groups, None, need_grad=False)
     plan = GroupPlan(groups, group_index=[0] * sum(len(g) for g in groups))
     _rebalance_plan(plan, optimizer, resolve_foreach(foreach))
 

@@ -17,6 +17,7 @@ handled in the same few vectorised ops instead of a python loop per group.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -65,6 +66,9 @@ def _param_list(params) -> list[torch.Tensor]:
         else:
             out.append(item)
     return out
+
+
+STRENGTHS = ("rho", "alpha")    # per-group hyperparameters checked by :func:`check_strength`
 
 
 class WrappedOptimizer(torch.optim.Optimizer):
@@ -122,6 +126,8 @@ class WrappedOptimizer(torch.optim.Optimizer):
         super().__init__(base.param_groups, defaults)  # adds our defaults to the shared dicts
         self._initialising = False
         self.param_groups = base.param_groups
+        for g in self.param_groups:
+            self._check_group(g)
         self.defaults.update({k: v for k, v in base.defaults.items() if k not in self.defaults})
 
     # -- param groups and state ---------------------------------------------------------------
@@ -129,12 +135,27 @@ class WrappedOptimizer(torch.optim.Optimizer):
         # torch's Optimizer pickles only defaults/state/param_groups; a wrapper needs all of it
         return self.__dict__.copy()
 
+    def _check_group(self, group: dict) -> None:
+        """Per-group strengths (``rho``, ``alpha``, also when given in a param-group dict) must be
+        finite and non-negative."""
+        for name in self.defaults:
+            if name in STRENGTHS:
+                check_strength(group[name], name)
+
     def add_param_group(self, param_group: dict) -> None:
+        """Adds the group to the base optimizer (with the wrapper's defaults).  Its parameters get
+        the base step (and SAM's perturbation); they join no scale-invariant group of DAS, BAR
+        or Rebalance, whose groups are fixed at construction."""
         if getattr(self, "_initialising", True):
             return super().add_param_group(param_group)
+        if isinstance(param_group, dict):
+            for name in STRENGTHS:
+                if name in self.defaults and name in param_group:
+                    check_strength(param_group[name], name)
         self.base_optimizer.add_param_group(param_group)
         for k, v in self.defaults.items():
             self.param_groups[-1].setdefault(k, v)
+        return None
 
     def _extra_state(self) -> dict:
         """Python-side state saved under ``"wrapper"`` (counters)."""
@@ -212,11 +233,15 @@ class WrappedOptimizer(torch.optim.Optimizer):
         self._opt_called = True
 
 
-def check_alpha(alpha) -> float:
-    """``alpha`` as a float, or a ``ValueError`` if it is not a non-negative number."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 0:
-        raise ValueError(f"alpha must be a non-negative number, got {alpha!r}")
-    return float(alpha)
+def check_strength(value, name: str = "alpha") -> float:
+    """``value`` as a float, or a ``ValueError`` unless it is a finite non-negative number
+    (a NaN or inf strength would turn every weight into NaN on the first step)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
+    return float(value)
+
+
+check_alpha = check_strength
 
 
 def lr_alpha_per_core(param_groups: list[dict], group_index: Sequence[int], alpha_factor: float,
@@ -306,11 +331,14 @@ class GroupPlan:
 
 
 def resolve_groups(groups, params_owned: Iterable[torch.Tensor] | None, what: str = "groups",
-                   size: int | None = None) -> list[list[nn.Parameter]]:
+                   size: int | None = None, need_grad: bool = True) -> list[list[nn.Parameter]]:
     """Check user groups: a model (discovered with ``scale_invariant_groups``) or lists of params.
 
-    Every grouped parameter must be one of ``params_owned`` (unless it is ``None``) and appear
-    in one group only; ``size`` (e.g. 2 for BAR pairs) fixes the number of cores per group.
+    There must be at least one group (an optimizer over none would silently be its base
+    optimizer).  Every grouped parameter must be one of ``params_owned`` (unless it is ``None``),
+    appear in one group only and, with ``need_grad``, require gradients (a frozen core never has
+    one, so its group would never be scaled); ``size`` (e.g. 2 for BAR pairs) fixes the number
+    of cores per group.
     """
     if groups is None:
         raise ValueError(f"{what} is required: pass a model (groups are then discovered) or a list "
@@ -318,12 +346,17 @@ def resolve_groups(groups, params_owned: Iterable[torch.Tensor] | None, what: st
     if isinstance(groups, nn.Module):
         from tensorsam.groups import scale_invariant_groups
 
-        groups = scale_invariant_groups(groups)
+        model, groups = groups, scale_invariant_groups(groups)
+        if not groups:
+            raise ValueError(f"{what}: the model {type(model).__name__} has no scale-invariant groups "
+                             "(no factorized tensor, tensorized layer or LoRA pair that requires grad)")
     out = []
     try:
         groups = [list(g) for g in groups]
     except TypeError:
         raise ValueError(f"{what} must be a model or a list of parameter lists, got {groups!r}") from None
+    if not groups:
+        raise ValueError(f"{what} is empty: pass at least one group of parameters")
     owned = None if params_owned is None else {id(p) for p in params_owned}
     seen: set[int] = set()
     for i, grp in enumerate(groups):
@@ -337,6 +370,10 @@ def resolve_groups(groups, params_owned: Iterable[torch.Tensor] | None, what: st
             if owned is not None and id(p) not in owned:
                 raise ValueError(f"{what}[{i}] holds a parameter of shape {tuple(p.shape)} that is not "
                                  "among the optimizer's params")
+            if need_grad and not p.requires_grad:
+                raise ValueError(f"{what}[{i}] holds a parameter of shape {tuple(p.shape)} that does not "
+                                 "require grad: a frozen core never gets a gradient, so its group would "
+                                 "never be scaled; leave the group out")
             if id(p) in seen:
                 raise ValueError(f"{what}[{i}] holds a parameter of shape {tuple(p.shape)} that is "
                                  "already in another group")

@@ -7,7 +7,7 @@ import contextlib
 import torch
 from torch import nn
 
-from tensorsam.optim.base import WrappedOptimizer, norms
+from tensorsam.optim.base import WrappedOptimizer, check_strength, norms
 
 
 @contextlib.contextmanager
@@ -115,11 +115,9 @@ class SAM(WrappedOptimizer):
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False,
                  foreach: bool | None = None, skip_nonfinite: bool = False, **kwargs):
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or rho < 0:
-            raise ValueError(f"rho must be a non-negative number, got {rho!r}")
         if not isinstance(adaptive, bool):
             raise ValueError(f"adaptive must be a bool, got {adaptive!r}")  # noqa: TRY004
-        super().__init__(params, base_optimizer, {"rho": float(rho), "adaptive": adaptive},
+        super().__init__(params, base_optimizer, {"rho": check_strength(rho, "rho"), "adaptive": adaptive},
                          foreach=foreach, skip_nonfinite=skip_nonfinite, **kwargs)
         # idle -> perturbed (first_step) -> restored (restore) -> idle (second_step); a step
         # that a GradScaler skipped stays "restored", which is safe: the weights are w
