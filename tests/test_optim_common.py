@@ -344,3 +344,17 @@ def test_empty_groups_and_frozen_cores_are_refused(kind):
     params[3].requires_grad_(False)
     with pytest.raises(ValueError, match="does not require grad"):
         cls(params, torch.optim.SGD, lr=0.1, **{key: [groups[1]]}, **kw)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_skip_nonfinite_does_not_skip_a_large_finite_gradient(foreach):
+    """A float32 gradient of 1e20 has a 2-norm that overflows to inf, but it is finite."""
+    params, groups, loss_fn = toy(torch.float32)
+    opt = make("nbar", params, groups, foreach=foreach, lr=1e-25, momentum=0.0)
+    opt.skip_nonfinite = True
+    loss_fn().backward()
+    params[3].grad.fill_(1e20)
+    before = params[3].detach().clone()
+    opt.step()
+    assert opt.skipped_steps == 0 and opt._step == 1
+    assert torch.isfinite(params[3]).all() and not torch.equal(before, params[3])

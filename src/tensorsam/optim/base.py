@@ -197,7 +197,14 @@ class WrappedOptimizer(torch.optim.Optimizer):
         grads = [p.grad for p in self._params_with_grad()]
         if not grads:
             return True
-        return bool(torch.isfinite(norms(grads, self.foreach)).all().item())
+        # max-norms: NaN and inf propagate, but a large finite gradient cannot overflow (the
+        # 2-norm of a float32 gradient with entries ~1e20 is inf)
+        if self.foreach:
+            peaks = torch._foreach_norm(grads, ord=math.inf)
+        else:
+            peaks = [torch.linalg.vector_norm(t, ord=math.inf) for t in grads]
+        dev = peaks[0].device
+        return bool(torch.isfinite(torch.stack([t.to(dev) for t in peaks])).all().item())
 
     def _skip_this_step(self) -> bool:
         """With ``skip_nonfinite``: check the gradients once; count and report a skipped step."""
