@@ -75,6 +75,49 @@ def test_rescale_state_maps_moments_to_the_new_coordinates(base, keys):
     assert not torch.allclose(params[1].detach().norm(), norms[id(params[1])])
 
 
+TINY = 1e-300   # eps small enough that no state entry depends on it
+
+
+@pytest.mark.parametrize("base,kw", [
+    (torch.optim.SGD, {"momentum": 0.9}),
+    (torch.optim.Adam, {"amsgrad": True, "eps": TINY}),
+    (torch.optim.AdamW, {"eps": TINY}),
+    (torch.optim.Adamax, {"eps": TINY}),
+    (torch.optim.Adagrad, {"eps": TINY}),
+    (torch.optim.RMSprop, {"momentum": 0.9, "centered": True, "eps": TINY}),
+], ids=lambda v: getattr(v, "__name__", ""))
+def test_rescaled_state_equals_the_state_built_at_the_rebalanced_point(base, kw):
+    """The state's meaning: rebalancing it must give exactly the state the base optimizer would
+    have built from the same gradient history taken at the rebalanced point (lr=0 keeps the
+    point fixed while the state accumulates)."""
+    states = []
+    for rebalance_first in (False, True):
+        params, groups, loss_fn = toy()
+        opt = base(params, lr=0.0, **kw)
+        if rebalance_first:
+            rebalance_(groups)
+        for _ in range(3):
+            opt.zero_grad()
+            loss_fn().backward()
+            opt.step()
+        if not rebalance_first:
+            rebalance_(groups, opt)
+        states.append([opt.state[p] for p in params])
+    for a, b in zip(*states):
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=1e-300)
+
+
+def test_rescale_state_refuses_an_unmapped_optimizer():
+    params, groups, _ = toy()
+    with pytest.raises(ValueError, match="cannot rescale the state of Adadelta"):
+        Rebalance(params, torch.optim.Adadelta, groups=groups, rescale_state=True)
+    with pytest.raises(ValueError, match="Adadelta"):
+        rebalance_(groups, torch.optim.Adadelta(params))
+    Rebalance(params, torch.optim.Adadelta, groups=groups)       # no state rescaling: fine
+
+
 def test_wrapper_equals_base_step_then_rebalance():
     results = []
     for use_wrapper in (True, False):

@@ -8,12 +8,34 @@ import torch
 from tensorsam.optim.base import GroupPlan, WrappedOptimizer, norms, resolve_foreach, resolve_groups
 from tensorsam.optim.base import segment_sum as _segment_sum
 
-# Power p of the rescaling of each optimizer-state entry: entry <- entry * c^(-p).  A core
-# scaled by c has gradient g/c at the new point (the map is linear in each core and the other
-# cores' product changes by 1/c), so gradient-like state (momentum, first moments) scales by
-# 1/c and squared-gradient state (second moments) by 1/c^2.
-STATE_POWERS = {"momentum_buffer": 1, "exp_avg": 1, "grad_avg": 1,
-                "exp_avg_sq": 2, "max_exp_avg_sq": 2, "square_avg": 2, "sum": 2}
+# Power p of the rescaling of each per-parameter state entry, entry <- entry * c^(-p), per base
+# optimizer class.  Why: after G_k -> c_k G_k the gradient w.r.t. the new core at the rebalanced
+# point is g_k / c_k (Phi is linear in G_k and the product of the other cores' factors is 1/c_k).
+# Mapping the state "as if every past gradient had been taken in the new coordinates" replaces
+# each g by g/c: state linear in g (SGD momentum, Adam's exp_avg, Adamax's exp_inf, RMSprop's
+# grad_avg) scales by 1/c, state quadratic in g (exp_avg_sq, max_exp_avg_sq, Adagrad's sum,
+# RMSprop's square_avg) by 1/c^2, and state that is already scale-free (RMSprop's momentum
+# buffer holds g/sqrt(v)) stays.  Keys not listed (step counters, ...) are left alone.
+_ADAM = {"exp_avg": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 2}
+STATE_POWERS: dict[type, dict[str, int]] = {
+    torch.optim.SGD: {"momentum_buffer": 1},
+    torch.optim.Adam: _ADAM, torch.optim.AdamW: _ADAM, torch.optim.NAdam: _ADAM, torch.optim.RAdam: _ADAM,
+    torch.optim.Adamax: {"exp_avg": 1, "exp_inf": 1},
+    torch.optim.Adagrad: {"sum": 2},
+    torch.optim.RMSprop: {"square_avg": 2, "grad_avg": 1, "momentum_buffer": 0},
+}
+
+
+def state_powers(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """The :data:`STATE_POWERS` entry for ``optimizer`` (or a wrapper's base optimizer), looked
+    up along its class's MRO; a ``ValueError`` for an optimizer whose state is not mapped."""
+    optimizer = getattr(optimizer, "base_optimizer", optimizer)
+    for cls in type(optimizer).__mro__:
+        if cls in STATE_POWERS:
+            return STATE_POWERS[cls]
+    names = sorted(c.__name__ for c in STATE_POWERS)
+    raise ValueError(f"cannot rescale the state of {type(optimizer).__name__} consistently; supported: "
+                     f"{names} (or use rescale_state=False / no optimizer)")
 
 
 def rebalance_factors(core_norms: torch.Tensor, seg: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -34,13 +56,14 @@ def rebalance_factors(core_norms: torch.Tensor, seg: torch.Tensor, counts: torch
 
 def _rescale_state(optimizer: torch.optim.Optimizer, cores, c: torch.Tensor) -> None:
     """Rescale the optimizer's per-parameter state of ``cores`` by ``c^-p`` (see STATE_POWERS)."""
+    powers = {k: p for k, p in state_powers(optimizer).items() if p}
     optimizer = getattr(optimizer, "base_optimizer", optimizer)
     inv = c.reciprocal().unbind()
     for p, f in zip(cores, inv):
         st = optimizer.state.get(p)
         if not st:
             continue
-        for key, power in STATE_POWERS.items():
+        for key, power in powers.items():
             t = st.get(key)
             if isinstance(t, torch.Tensor) and t.shape == p.shape:
                 t.mul_(f if power == 1 else f * f)
@@ -52,7 +75,8 @@ def rebalance_(groups, optimizer: torch.optim.Optimizer | None = None, foreach: 
 
     ``groups`` is a model or a list of parameter lists.  With ``optimizer`` (a torch optimizer
     or a tensorsam wrapper), its state of the rescaled cores is rescaled consistently
-    (``STATE_POWERS``: momentum buffer and Adam's exp_avg by 1/c, exp_avg_sq by 1/c^2).
+    (``STATE_POWERS``: momentum buffer and Adam's exp_avg by 1/c, exp_avg_sq by 1/c^2); a
+    ``ValueError`` for a base optimizer whose state is not mapped there.
 
     Example::
 
@@ -62,6 +86,8 @@ def rebalance_(groups, optimizer: torch.optim.Optimizer | None = None, foreach: 
                 rebalance_(model, opt)
     """
     groups = resolve_groups(groups, None, need_grad=False)
+    if optimizer is not None:
+        state_powers(optimizer)   # refuse an unsupported optimizer before touching anything
     plan = GroupPlan(groups, group_index=[0] * sum(len(g) for g in groups))
     _rebalance_plan(plan, optimizer, resolve_foreach(foreach))
 
@@ -87,11 +113,15 @@ class Rebalance(WrappedOptimizer):
       are, i.e. in the coordinates of the previous scale.  A core scaled up by c then keeps a
       momentum c times larger than the gradient it now receives (g/c), and Adam's update
       m/sqrt(v) is unchanged until the moments decay.
-    - ``rescale_state=True``: the state is mapped to the new coordinates as if the gradient
-      history had been taken at the rebalanced point: momentum buffer and exp_avg by 1/c,
-      exp_avg_sq (and max_exp_avg_sq, RMSprop/Adagrad accumulators) by 1/c^2.  Adam's step
-      m/sqrt(v) is then unchanged in size, SGD's momentum keeps pointing the same way in
-      function space.  Other state entries (step counters, unknown keys) are untouched.
+    - ``rescale_state=True``: the state is mapped to the new coordinates as if the whole
+      gradient history had been taken there.  After G_k -> c G_k the gradient w.r.t. the new
+      core is g_k/c (the other cores' factors multiply to 1/c), so every past gradient becomes
+      g/c: SGD's momentum buffer and Adam's exp_avg scale by 1/c, exp_avg_sq and
+      max_exp_avg_sq by 1/c^2 (Adamax, Adagrad, RMSprop likewise, see ``STATE_POWERS``).
+      Adam's next update m/sqrt(v) is then unchanged (up to eps), and SGD's momentum equals
+      the momentum of the gradients the rebalanced model would have received.  Step counters
+      are untouched.  Weight decay is not scale-invariant, so with it the map is only the
+      consistent choice for the loss part.  Other base optimizers raise a ``ValueError``.
 
     Example::
 
@@ -111,6 +141,8 @@ class Rebalance(WrappedOptimizer):
         params = None if params is None else list(params)
         super().__init__(params, base_optimizer, {}, foreach=foreach, skip_nonfinite=skip_nonfinite,
                          **kwargs)
+        if rescale_state:
+            state_powers(self.base_optimizer)
         owned = [p for g in self.param_groups for p in g["params"]]
         self.plan = GroupPlan(resolve_groups(groups, owned), self.param_groups)
 
