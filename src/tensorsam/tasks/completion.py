@@ -396,7 +396,7 @@ def train_run(method: str, cfg: CompletionConfig, values, masks, seed: int, rank
     pred = reconstruct(final, obj.plan).reshape(-1)
     record = {"method": method, "seed": seed, **evaluate(pred, values, masks),
               "wall_seconds": ex["wall"],
-              "info": {"rank": list(model.rank), "iterations": ex["trace"][-1]["iteration"] if ex["trace"] else 0,
+              "info": {"rank": list(rank), "iterations": ex["trace"][-1]["iteration"] if ex["trace"] else 0,
                        "compiled": obj.compiled, "best_iteration": ex["best_it"] if validated else None},
               "trace": _columns(ex["trace"])}
     return record, final
@@ -537,3 +537,49 @@ def summary_lines(runs: list[dict]) -> list[str]:
         wall = sum(r["wall_seconds"] for r in sel) / len(sel)
         lines.append(f"{method:<10} {ms('train_r2'):>18} {ms('heldout_r2'):>22} {wall:>8.1f}")
     return lines
+
+
+def figures(results: dict, out_dir: Path) -> list[Path]:
+    """Norm dynamics (Q, Cov) and training R² against iterations, one line per (method, seed), and
+    training / held-out R² per method (mean ± std over seeds)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    runs = results["runs"]
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    traced = [r for r in runs if r.get("trace")]
+    if traced:
+        fig = Figure(figsize=(15, 4), layout="constrained")
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(1, 3)
+        for r in traced:
+            tr = r["trace"]
+            label = r["method"] if r["seed"] == min(x["seed"] for x in traced) else None
+            for ax, key in zip(axes, ("Q", "cov", "train_r2")):
+                ax.plot(tr["iteration"], tr[key], color=colors[r["method"]], lw=1, label=label)
+        axes[0].set(yscale="log", ylabel="norm deviation Q", xlabel="iteration")
+        axes[1].set(yscale="symlog", ylabel="Cov(s, γ)", xlabel="iteration")
+        axes[2].set(ylim=(0, 1), ylabel="training R²", xlabel="iteration")
+        axes[0].legend()
+        paths.append(out / "completion_dynamics.png")
+        fig.savefig(paths[-1], dpi=110)
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    for ax, key in zip(axes, ("train_r2", "heldout_r2")):
+        vals = [np.array([r[key] for r in runs if r["method"] == m], dtype=float) for m in methods]
+        ax.bar(methods, [v.mean() for v in vals], yerr=[v.std(ddof=1) if len(v) > 1 else 0 for v in vals],
+               color=[colors[m] for m in methods])
+        ax.set_ylabel(("training" if key == "train_r2" else "held-out") + " R² (mean ± std over seeds)")
+        if key == "train_r2":
+            low = min(v.min() for v in vals)
+            ax.set_ylim(max(low - 0.01, 0.0) if low > 0 else None, 1.0)
+        else:
+            ax.set_yscale("symlog")
+    paths.append(out / "completion_r2.png")
+    fig.savefig(paths[-1], dpi=110)
+    return paths

@@ -1,0 +1,170 @@
+"""Flatness of completion solutions (E3, the paper's Fig. 2): 1-D loss curves.
+
+For each solution (HOOI, Adam, SAM, DAS from one completion run and one mask seed) the cores
+are moved along one fixed random direction D, G_k + d D_k for d in [-span, span], and the
+training loss (the objective: sum of squared residuals on the training entries) and the
+held-out R² are recorded.
+
+- ``direction='raw'``: D ~ N(0, 1) over every core, scaled to unit global norm; the same D for
+  every method (the paper's protocol).  Not scale-invariant: rescaling the cores of a solution
+  (which leaves its tensor unchanged) changes its curve.
+- ``direction='filter'``: each D_k is rescaled to the norm of its core, ||D_k|| = ||G_k||
+  (filter normalisation, Li et al. 2018, per core).  Then G_k + d D_k = ||G_k|| (G_k/||G_k|| +
+  d D_k/||D_k||), so a rescaling c_k with prod c_k = 1 leaves the curve unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from tensorsam.runner import load_checkpoint
+from tensorsam.tasks.completion import CompletionConfig, contraction_plan, prepare, reconstruct
+from tensorsam.tensors import get_format
+
+DIRECTIONS = ("raw", "filter")
+
+
+@dataclasses.dataclass
+class FlatnessConfig:
+    source: str = ""  # a `tensorsam completion --out` directory; empty: run a completion first
+    methods: list[str] = dataclasses.field(default_factory=lambda: ["hooi", "adam", "sam", "das"])
+    seed: int = 42  # mask seed whose solutions are probed
+    directions: list[str] = dataclasses.field(default_factory=lambda: ["raw", "filter"])
+    span: float = 3.0  # d in [-span, span] for the raw direction (unit global norm)
+    filter_span: float = 1.0  # d in [-filter_span, filter_span] for the filter-normalised direction
+    points: int = 101
+    direction_seed: int = 0
+    iterations: int = 5000  # length of the completion run made when there is no source
+
+
+def check_config(cfg: FlatnessConfig) -> None:
+    for d in cfg.directions:
+        if d not in DIRECTIONS:
+            raise ValueError(f"unknown direction {d!r}; expected one of {list(DIRECTIONS)}")
+    if cfg.points < 2:
+        raise ValueError(f"points must be at least 2, got {cfg.points}")
+    if not (cfg.span > 0 and cfg.filter_span > 0):
+        raise ValueError("span and filter_span must be positive")
+
+
+def load_source(path) -> tuple[CompletionConfig, dict]:
+    """The completion config and the solutions (tag -> cores) stored in a completion output dir."""
+    path = Path(path)
+    results = path / "results.json"
+    if not results.is_file():
+        raise FileNotFoundError(f"no completion results in {path} (expected {results})")
+    data = json.loads(results.read_text())
+    if data.get("task") != "completion":
+        raise ValueError(f"{results} is a {data.get('task')!r} results file, not a completion one")
+    known = {f.name for f in dataclasses.fields(CompletionConfig)}
+    cfg = CompletionConfig(**{k: v for k, v in data["config"].items() if k in known})
+    return cfg, load_checkpoint(path / "solutions.pt")
+
+
+def random_direction(shapes, seed: int, dtype) -> list[torch.Tensor]:
+    """Gaussian direction over cores of ``shapes`` with unit global Frobenius norm."""
+    gen = torch.Generator().manual_seed(seed)
+    d = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    total = torch.sqrt(sum(x.square().sum() for x in d))
+    return [(x / total).to(dtype) for x in d]
+
+
+def filter_normalised(direction, cores) -> list[torch.Tensor]:
+    """Per-core rescaling ||D_k|| = ||G_k|| (scale-invariant, see the module docstring)."""
+    return [d * (c.norm() / d.norm()) for d, c in zip(direction, cores)]
+
+
+def curve(cores, direction, ts, plan, values, masks) -> dict[str, list[float]]:
+    """Training loss (sum of squares) and held-out R² at ``cores + t * direction`` for each t."""
+    tr = masks.train.reshape(-1)
+    ho = masks.heldout.reshape(-1)
+    x = values.reshape(-1).to(cores[0].dtype)
+    y_ho = x[ho]
+    ss_tot = (y_ho - y_ho.mean()).square().sum()
+    loss, r2 = [], []
+    for t in ts.tolist():
+        pred = reconstruct([c + t * d for c, d in zip(cores, direction)], plan).reshape(-1)
+        loss.append((pred[tr] - x[tr]).square().sum())
+        r2.append(1 - (pred[ho] - y_ho).square().sum() / ss_tot)
+    return {"loss": torch.stack(loss).double().tolist(), "heldout_r2": torch.stack(r2).double().tolist()}
+
+
+def run_flatness(cfg: FlatnessConfig, work_dir=None) -> dict:
+    """Curves for every (method, direction); returns ``{"runs": [...], "source": ...}``."""
+    check_config(cfg)
+    if cfg.source:
+        ccfg, solutions = load_source(cfg.source)
+    else:
+        from tensorsam.tasks.completion import run_completion
+
+        ccfg = CompletionConfig(methods=list(cfg.methods), seeds=[cfg.seed], iterations=cfg.iterations)
+        res = run_completion(ccfg, work_dir)
+        solutions = res["solutions"]
+    ccfg.seeds = [cfg.seed]
+    data, masks = prepare(ccfg)
+    dtype = getattr(torch, ccfg.dtype)
+    plan = None
+    runs = []
+    raw = None
+    for method in cfg.methods:
+        tag = f"{method}_seed{cfg.seed}"
+        if tag not in solutions:
+            raise ValueError(f"the source has no solution {tag!r}; it has {sorted(solutions)}")
+        cores = [c.to(dtype) for c in solutions[tag]]
+        if plan is None:
+            model = get_format(ccfg.model)(data.shape, [int(r) for r in ccfg.rank], dtype=dtype)
+            plan = contraction_plan(model)
+            raw = random_direction([c.shape for c in cores], cfg.direction_seed, dtype)
+        for kind in cfg.directions:
+            span = cfg.span if kind == "raw" else cfg.filter_span
+            ts = torch.linspace(-span, span, cfg.points, dtype=torch.float64)
+            d = raw if kind == "raw" else filter_normalised(raw, cores)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                c = curve(cores, d, ts, plan, data.values, masks[cfg.seed])
+            mid = cfg.points // 2
+            one = int(torch.argmin((ts - span / 3).abs()))  # d = span/3 (1 for the raw default)
+            runs.append({"method": method, "label": f"{method} ({kind})", "direction": kind,
+                         "loss_at_0": c["loss"][mid], "heldout_r2_at_0": c["heldout_r2"][mid],
+                         "loss_rise_at_third": 0.5 * (c["loss"][one] + c["loss"][cfg.points - 1 - one])
+                         - c["loss"][mid],
+                         "wall_seconds": time.perf_counter() - t0,
+                         "trace": {"d": ts.tolist(), **c}})
+    return {"runs": runs, "source": cfg.source or str(work_dir)}
+
+
+def figures(results: dict, out_dir: Path) -> list[Path]:
+    """Fig. 2 analogue: training loss and held-out R² along the direction(s), one line per method."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    runs = [r for r in results["runs"] if "trace" in r]
+    kinds = list(dict.fromkeys(r["direction"] for r in runs))
+    if not runs:
+        return []
+    fig = Figure(figsize=(5.0 * len(kinds), 7.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, len(kinds), squeeze=False)
+    for j, kind in enumerate(kinds):
+        for r in (r for r in runs if r["direction"] == kind):
+            tr = r["trace"]
+            axes[0, j].plot(tr["d"], tr["loss"], label=r["method"])
+            axes[1, j].plot(tr["d"], tr["heldout_r2"], label=r["method"])
+        title = "random direction, unit global norm" if kind == "raw" else "filter-normalised direction"
+        axes[0, j].set_title(title)
+        axes[0, j].set_yscale("log")
+        axes[1, j].set_yscale("symlog")
+        axes[1, j].set_xlabel("d")
+    axes[0, 0].set_ylabel("training loss (sum of squares)")
+    axes[1, 0].set_ylabel("held-out R²")
+    axes[0, 0].legend()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "fig2_flatness.png"
+    fig.savefig(path, dpi=120)
+    return [path]

@@ -1,0 +1,140 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tensorsam.cli import main
+from tensorsam.data import make_masks
+from tensorsam.tasks import metrics
+from tensorsam.tasks.completion import (
+    CompletionConfig,
+    Objective,
+    build_model,
+    contraction_plan,
+    figures,
+    reconstruct,
+    run_completion,
+)
+
+FAST = ["--set", "compile=false", "--no-progress"]
+
+
+@settings(max_examples=20)
+@given(st.lists(st.floats(-10, 10), min_size=3, max_size=30), st.integers(0, 2**31 - 1))
+def test_metrics_match_hand_computation(xs, seed):
+    target = torch.tensor(xs, dtype=torch.float64)
+    if float((target - target.mean()).square().sum()) < 1e-6 or float(target.square().sum()) < 1e-6:
+        return
+    pred = target + torch.randn(len(xs), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    t, p = np.array(xs), pred.numpy()
+    assert metrics.r2(pred, target) == pytest.approx(1 - ((p - t) ** 2).sum() / ((t - t.mean()) ** 2).sum())
+    assert metrics.r2_uncentred(pred, target) == pytest.approx(1 - ((p - t) ** 2).sum() / (t**2).sum())
+    assert metrics.rmse(pred, target) == pytest.approx(math.sqrt(((p - t) ** 2).mean()))
+    assert metrics.r2(target, target) == 1.0
+
+
+@pytest.mark.parametrize("model,rank", [("tucker", [3, 2, 4]), ("cp", [4]), ("tt", [3, 2]), ("tr", [2, 3, 2])])
+def test_plan_reconstructs_like_the_format_and_gradient_is_the_masked_loss(model, rank):
+    cfg = CompletionConfig(model=model, rank=rank, compile=False)
+    m = build_model(cfg, (7, 5, 6), rank, 3)
+    plan = contraction_plan(m)
+    torch.testing.assert_close(reconstruct(list(m.cores), plan), m.reconstruct())
+    values = torch.randn(7, 5, 6)
+    train = make_masks((7, 5, 6), 1).train
+    obj = Objective(m, values, train, loss="mean")
+    loss = obj.closure()
+    dense = ((m.reconstruct() - values)[train]).square().mean()
+    grads = torch.autograd.grad(dense, list(m.cores))
+    torch.testing.assert_close(loss, dense.detach())
+    for p, g in zip(m.cores, grads):
+        torch.testing.assert_close(p.grad, g)
+        assert p.grad.is_contiguous()
+
+
+def test_tucker_init_is_tensorlys_random_init_seeded_with_the_mask_seed():
+    from tensorly.decomposition._tucker import initialize_tucker
+
+    m = build_model(CompletionConfig(), (438, 6, 11), [8, 6, 8], 87)
+    core, factors = initialize_tucker(np.zeros((438, 6, 11)), [8, 6, 8], [0, 1, 2], random_state=87,
+                                      init="random")
+    torch.testing.assert_close(m.cores[0].detach(), torch.as_tensor(core, dtype=torch.float32))
+    assert float(m.cores[0].detach().min()) >= 0.01 and float(m.cores[1].detach().max()) < 1.0
+    for c, f in zip(m.cores[1:], factors):
+        torch.testing.assert_close(c.detach(), torch.as_tensor(f, dtype=torch.float32))
+
+
+def test_cli_short_paper_protocol_writes_every_metric(tmp_path):
+    out = tmp_path / "e1"
+    rc = main(["completion", "--methods", "hooi,adam,sam,das,rebalance", "--seeds", "42", "--iterations", "150",
+               "--out", str(out), "--set", "hooi_iterations=20", "--set", "log_every=50", *FAST])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in res["runs"]] == ["hooi", "adam", "sam", "das", "rebalance"]
+    for r in res["runs"]:
+        for key in ("train_r2", "heldout_r2", "train_r2_uncentred", "heldout_r2_uncentred", "train_rmse",
+                    "heldout_rmse", "wall_seconds"):
+            assert math.isfinite(r[key]), (r["method"], key)
+        assert r["seed"] == 42 and r["masks"]["seed"] == 42 and r["masks"]["n_val"] == 0
+    adam = res["runs"][1]["trace"]
+    assert adam["iteration"] == [50, 100, 150] and adam["loss"][-1] < adam["loss"][0]
+    assert res["config"]["iterations"] == 150 and not (out / ".work").exists()
+    sol = torch.load(out / "solutions.pt", weights_only=True)
+    assert sorted(sol) == sorted(f"{m}_seed42" for m in ("hooi", "adam", "sam", "das", "rebalance"))
+    paths = figures(res, tmp_path / "fig")
+    assert all(p.stat().st_size > 1000 for p in paths) and len(paths) == 2
+
+
+def test_validated_protocol_selects_rank_and_iteration_on_validation():
+    cfg = CompletionConfig(methods=["adam"], seeds=[87], iterations=400, protocol="validated",
+                           rank_grid=[[2, 2, 2], [4, 3, 4]], log_every=50, patience=3, compile=False)
+    (run,) = run_completion(cfg)["runs"]
+    cands = run["info"]["candidates"]
+    assert [c["rank"] for c in cands] == [[2, 2, 2], [4, 3, 4]]
+    assert run["val_r2"] == max(c["val_r2"] for c in cands)
+    assert run["info"]["rank"] == cands[[c["val_r2"] for c in cands].index(run["val_r2"])]["rank"]
+    assert run["masks"]["n_val"] > 0 and math.isfinite(run["heldout_r2"])
+
+
+@pytest.mark.parametrize("model,rank", [("cp", "[5]"), ("tt", "[3,3]"), ("tr", "[2,2,2]")])
+def test_other_formats_complete(tmp_path, model, rank):
+    rc = main(["completion", "--methods", "adam,das", "--seeds", "42", "--iterations", "100", "--out",
+               str(tmp_path), "--set", f"model={model}", "--set", f"rank={rank}", *FAST])
+    assert rc == 0
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert all(math.isfinite(r["train_r2"]) for r in runs)
+
+
+def _bad_npy(tmp_path):
+    p = tmp_path / "corrupt.npy"
+    p.write_bytes(b"not a numpy file")
+    return p
+
+
+def _nan_npy(tmp_path):
+    p = tmp_path / "nan.npy"
+    a = np.random.default_rng(0).normal(size=(4, 5, 6))
+    a[0, 0, 0] = np.nan
+    np.save(p, a)
+    return p
+
+
+@pytest.mark.parametrize("args,message", [
+    (lambda t: ["--set", f"dataset={t / 'missing.npy'}"], "not found"),
+    (lambda t: ["--set", f"dataset={_bad_npy(t)}"], "not a readable .npy"),
+    (lambda t: ["--set", "train_fraction=1.5"], "train_fraction"),
+    (lambda t: ["--set", "rank=[8,7,8]"], "exceeds the size"),
+    (lambda t: ["--methods", "adam,lbfgs"], "unknown method"),
+    (lambda t: ["--set", "learning_rate=0.1"], "unknown config key"),
+    (lambda t: ["--set", f"dataset={_nan_npy(t)}", "--set", "rank=[2,2,2]"], "NaN"),
+    (lambda t: ["--set", "optimizer=Adamm"], "unknown base optimizer"),
+])
+def test_bad_input_is_refused_and_writes_nothing(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    rc = main(["completion", "--iterations", "10", "--out", str(out), *args(tmp_path), *FAST])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
