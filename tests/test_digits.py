@@ -26,7 +26,17 @@ def digits_32x32(seed: int = 0):
     return x[train].contiguous(), y[train], x[test].contiguous(), y[test]
 
 
-def test_tr_resnet20_learns_digits():
+@pytest.fixture
+def one_thread():
+    """One intra-op thread (restored afterwards): this test shares 2 cores with the rest of the
+    suite, and many small ops on 2 oversubscribed threads mostly wait on each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_tr_resnet20_learns_digits(one_thread):
     torch.manual_seed(0)
     xtr, ytr, xte, yte = digits_32x32()
     model = resnet(20, "tr", rank=5)
