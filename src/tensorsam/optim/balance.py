@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from tensorsam.optim.base import GroupPlan, WrappedOptimizer, norms, resolve_foreach, resolve_groups
+from tensorsam.optim.base import GroupPlan, WrappedOptimizer, resolve_foreach, resolve_groups
 from tensorsam.optim.base import segment_sum as _segment_sum
 
 # Power p of the rescaling of each per-parameter state entry, entry <- entry * c^(-p), per base
@@ -95,7 +95,7 @@ def rebalance_(groups, optimizer: torch.optim.Optimizer | None = None, foreach: 
 def _rebalance_plan(plan: GroupPlan, optimizer, foreach: bool) -> None:
     if not plan.cores:
         return
-    n = norms(plan.cores, foreach)
+    n = plan.norms(plan.cores, foreach)
     seg, counts = plan.seg_counts(n.device)
     c = rebalance_factors(n, seg, counts.to(n.dtype))
     plan.scale_cores_(c, foreach)

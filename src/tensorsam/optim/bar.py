@@ -10,7 +10,6 @@ from tensorsam.optim.base import (
     WrappedOptimizer,
     check_alpha,
     lr_alpha_per_core,
-    norms,
     resolve_groups,
 )
 from tensorsam.optim.schedules import get_schedule
@@ -85,9 +84,9 @@ class BAR(WrappedOptimizer):
             return
         cores = plan.cores                       # x_1, y_1, x_2, y_2, ...
         if self.mode == "n":
-            n = norms([p.grad for p in cores], self.foreach)
+            n = plan.norms([p.grad for p in cores], self.foreach)
         else:
-            n = norms(cores, self.foreach)
+            n = plan.norms(cores, self.foreach)
         sigma = nbar_sign(n[0::2], n[1::2]) if self.mode == "n" else obar_sign(n[0::2], n[1::2])
         signs = torch.stack([sigma, -sigma], dim=1).reshape(-1)   # +sigma for x, -sigma for y
         eta_alpha = lr_alpha_per_core(self.param_groups, plan.group_index,

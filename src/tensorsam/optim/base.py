@@ -43,6 +43,48 @@ def norms(tensors: Sequence[torch.Tensor], foreach: bool) -> torch.Tensor:
         return torch.stack([n.to(out[0]) for n in out])
 
 
+# CPU tensors up to this size are normed by stacking equal-shaped ones (one reduction per shape);
+# per-tensor dispatch, not arithmetic, is what costs on the CPU for small cores
+STACK_MAX_NUMEL = 1 << 16
+
+
+class StackedNorms:
+    """Frobenius norms of lists laid out like ``like`` (same shapes, dtypes, devices per position).
+
+    Small CPU tensors are bucketed by (shape, dtype) once; a call stacks each bucket and reduces
+    it in one ``vector_norm``, which on a CPU is several times faster than ``_foreach_norm``
+    over hundreds of small cores (TR-ResNet-32: 430 tensors, 0.7 ms -> 0.2 ms).  Other tensors
+    (GPU, large, empty) go through ``_foreach_norm``.  The result is on ``like[0]``'s device.
+    """
+
+    def __init__(self, like: Sequence[torch.Tensor]):
+        buckets: dict = {}
+        self.rest = []
+        for i, t in enumerate(like):
+            if t.device.type == "cpu" and 0 < t.numel() <= STACK_MAX_NUMEL:
+                buckets.setdefault((tuple(t.shape), t.dtype), []).append(i)
+            else:
+                self.rest.append(i)
+        self.buckets = list(buckets.values())
+        order = [i for b in self.buckets for i in b] + self.rest
+        inverse = [0] * len(order)
+        for pos, i in enumerate(order):
+            inverse[i] = pos
+        self.device = like[0].device
+        self.inverse = None if order == sorted(order) else torch.tensor(inverse, device=self.device)
+
+    def __call__(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        parts = [torch.linalg.vector_norm(torch.stack([tensors[i] for i in b]).reshape(len(b), -1), dim=1)
+                 for b in self.buckets]
+        if self.rest:
+            parts.append(norms([tensors[i] for i in self.rest], True))
+        if len(parts) == 1:
+            out = parts[0].to(self.device)
+        else:
+            out = torch.cat([t.to(self.device) for t in parts])
+        return out if self.inverse is None else out[self.inverse]
+
+
 def scale_(tensors: Sequence[torch.Tensor], factors: Sequence[torch.Tensor], foreach: bool) -> None:
     """tensors[i] *= factors[i], in place (``factors``: 0-dim tensors, e.g. views of a 1-D one)."""
     if foreach:
@@ -294,6 +336,7 @@ class GroupPlan:
         self._seg: dict = {}
         self._factor_buf: dict = {}
         self._subplans: dict = {}
+        self._stacked: dict = {}
         if self.cores:
             self.seg_counts(self.cores[0].device)
 
@@ -305,6 +348,16 @@ class GroupPlan:
             counts = torch.tensor([len(grp) for grp in self.groups], device=device)
             self._seg[key] = (seg, counts)
         return self._seg[key]
+
+    def norms(self, tensors: Sequence[torch.Tensor], foreach: bool) -> torch.Tensor:
+        """:func:`norms` of the cores, their gradients or both concatenated (layouts fixed by
+        the plan); the multi-tensor path uses a cached :class:`StackedNorms`."""
+        if not foreach:
+            return norms(tensors, False)
+        key = len(tensors)
+        if key not in self._stacked:
+            self._stacked[key] = StackedNorms(tensors)
+        return self._stacked[key](tensors)
 
     def scale_cores_(self, factors: torch.Tensor, foreach: bool) -> None:
         """core_k *= factors[k] for every core, in place.

@@ -9,7 +9,6 @@ from tensorsam.optim.base import (
     WrappedOptimizer,
     check_alpha,
     lr_alpha_per_core,
-    norms,
     resolve_groups,
     segment_sum,
 )
@@ -122,7 +121,7 @@ class DAS(WrappedOptimizer):
         if plan is None:
             return
         cores = plan.cores
-        both = norms(cores + [p.grad for p in cores], self.foreach)   # one multi-tensor call
+        both = plan.norms(cores + [p.grad for p in cores], self.foreach)   # one multi-tensor call
         n, gamma = both[:len(cores)], both[len(cores):].square()
         seg, counts = plan.seg_counts(n.device)
         eta_alpha = lr_alpha_per_core(self.param_groups, plan.group_index, self.alpha_factor(), n)
