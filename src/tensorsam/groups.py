@@ -113,8 +113,8 @@ def scale_invariant_groups(model: nn.Module) -> list[list[nn.Parameter]]:
 
     Example::
 
-        model = tensorsam.nn.tensorize(resnet, format="tr", rank=15)
-        groups = scale_invariant_groups(model)    # one group per tensorized conv
+        tensorsam.nn.tensorize(model, format="tr", rank=15)   # in place (returns a summary)
+        groups = scale_invariant_groups(model)    # one group per tensorized layer
         opt = DAS(model.parameters(), torch.optim.SGD, groups=groups, alpha=0.1, lr=0.1)
     """
     return [list(g.params) for g in named_scale_invariant_groups(model)]

@@ -76,7 +76,7 @@ class DAS(WrappedOptimizer):
 
     Example::
 
-        model = TRResNet32()
+        model = tensorsam.models.resnet(32, "tr", 15)
         opt = DAS(model.parameters(), torch.optim.SGD, groups=model, alpha=0.1,
                   lr=0.1, momentum=0.9, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)  # also moves DAS's eta
@@ -85,8 +85,8 @@ class DAS(WrappedOptimizer):
             loss_fn(model(x), y).backward()
             opt.step()            # scale the cores, then SGD with the same gradients
 
-        # mixed precision
-        scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
+        # mixed precision: scaler.step unscales, and skips the whole step on inf/NaN
+        scaler.scale(loss_fn(model(x), y)).backward(); scaler.step(opt); scaler.update()
     """
 
     def __init__(self, params, base_optimizer, *, groups, alpha: float,
