@@ -98,3 +98,18 @@ def test_pairs_from_a_model_and_refusals():
         BAR(model.parameters(), torch.optim.SGD, pairs=model, mode="x", alpha=0.1, total_steps=5, lr=0.1)
     with pytest.raises(ValueError, match="total_steps"):
         BAR(model.parameters(), torch.optim.SGD, pairs=model, alpha=0.1, lr=0.1)
+
+
+@pytest.mark.parametrize("mode", ["n", "o"])
+def test_ties_take_the_first_branch(mode):
+    """||g_x|| = ||g_y|| (nBAR) or ||x|| = ||y|| (oBAR): the '>=' branch, x grows under nBAR and
+    shrinks under oBAR (bar-algorithms.md)."""
+    w = torch.randn(3, 3, dtype=torch.float64)
+    g = torch.randn(3, 3, dtype=torch.float64)
+    x, y = nn.Parameter(w.clone()), nn.Parameter(w.clone())
+    x.grad, y.grad = g.clone(), g.clone()
+    opt = BAR([x, y], torch.optim.SGD, pairs=[[x, y]], mode=mode, alpha=0.5, alpha_schedule="constant", lr=0.1)
+    opt.step()
+    sx = 1.0 if mode == "n" else -1.0
+    torch.testing.assert_close(x.detach(), (1 + sx * 0.05) * w - 0.1 * g, rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(y.detach(), (1 - sx * 0.05) * w - 0.1 * g, rtol=1e-14, atol=1e-15)
