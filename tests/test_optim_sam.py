@@ -189,3 +189,26 @@ def test_lr_scheduler_with_two_step_style_does_not_warn(recwarn):
     sched.step()
     assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
     assert opt.base_optimizer.param_groups[0]["lr"] == 0.05
+
+
+def test_closure_failing_in_the_perturbed_pass_leaves_the_weights_at_w():
+    params, _, loss_fn = toy()
+    opt = SAM(params, torch.optim.SGD, rho=0.5, lr=0.1)
+    before = [p.detach().clone() for p in params]
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(closure)
+    assert all(torch.equal(a, p) for a, p in zip(before, params))
+    calls[:] = [1, 1]                 # the optimizer is usable again: a full step works
+    opt.step(closure)
+    assert opt._step == 1 and not all(torch.equal(a, p) for a, p in zip(before, params))

@@ -212,8 +212,13 @@ class SAM(WrappedOptimizer):
         with torch.enable_grad():
             loss = closure()
         self.first_step()
-        with torch.enable_grad():
-            closure()
+        try:
+            with torch.enable_grad():
+                closure()
+        except BaseException:
+            self.restore()          # never leave the model at w + e (e.g. on KeyboardInterrupt)
+            self._phase = "idle"
+            raise
         self.second_step()
         return loss
 
