@@ -374,3 +374,16 @@ def test_stacked_norms_match_per_tensor_norms_in_the_original_order():
     want = torch.stack([torch.linalg.vector_norm(t.double()) for t in ts])
     got = stacked([2.0 * t for t in ts])             # same layout, new values
     torch.testing.assert_close(got, 2.0 * want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_norms_are_reduced_in_float32(dtype):
+    """bfloat16 norms carry ~3 digits, too few for gamma_k - gamma_bar; every path gives float32."""
+    from tensorsam.optim.base import StackedNorms, norms
+
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(s, generator=g).to(dtype) for s in [(7, 9), (7, 9), (300,), (5,)]]
+    want = torch.stack([torch.linalg.vector_norm(t.double()) for t in ts])
+    for got in (norms(ts, True), norms(ts, False), StackedNorms(ts)(ts)):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
