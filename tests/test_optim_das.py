@@ -161,3 +161,17 @@ def test_zero_core_zero_grads_and_partly_missing_grads_in_a_full_step():
     for p, w in zip([p for grp in groups[:2] for p in grp], want):
         assert torch.isfinite(p).all()
         torch.testing.assert_close(p.detach(), w, rtol=1e-12, atol=1e-14)
+
+
+def test_add_param_group_gets_the_base_step_and_the_groups_keep_eq9():
+    groups, bias = random_setup(2, [1.0])
+    cores = [p for grp in groups for p in grp]
+    want = expected_das(groups, 0.1, 1.0, "global", "paper")
+    opt = DAS(cores, torch.optim.SGD, groups=groups, alpha=1.0, lr=0.1)
+    opt.add_param_group({"params": [bias], "lr": 0.01})
+    assert opt.param_groups[1]["alpha"] == 1.0 and len(opt.base_optimizer.param_groups) == 2
+    b0, gb = bias.detach().clone(), bias.grad.clone()
+    opt.step()
+    torch.testing.assert_close(bias.detach(), b0 - 0.01 * gb, rtol=1e-14, atol=0)
+    for p, w in zip(cores, want):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-12, atol=1e-14)
