@@ -61,7 +61,10 @@ class DAS(WrappedOptimizer):
         groups: a model (groups found by :func:`tensorsam.groups.scale_invariant_groups`) or a
             list of parameter lists; every grouped parameter must be in ``params``.
         alpha: strength of the scaling.
-        alpha_schedule: ``'constant'``, ``'linear'`` or ``'cosine'`` decay to 0 over ``total_steps``.
+        alpha_schedule: ``'constant'``, ``'linear'`` or ``'cosine'`` decay to 0 over ``total_steps``
+            (T): the step taken after t earlier steps uses alpha * f(t/T), so the first uses alpha,
+            the T-th alpha/T (linear), and every step past T uses 0.  Steps skipped for
+            non-finite gradients do not count.  ``total_steps`` is required by the decays.
         normalization: ``'global'`` (default; one u for all groups, the paper's u_D) or
             ``'group'`` (u per group).
         variant: ``'paper'`` (Eq. 9) or ``'authors'``: a compatibility switch reproducing the
