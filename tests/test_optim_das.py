@@ -175,3 +175,19 @@ def test_add_param_group_gets_the_base_step_and_the_groups_keep_eq9():
     torch.testing.assert_close(bias.detach(), b0 - 0.01 * gb, rtol=1e-14, atol=0)
     for p, w in zip(cores, want):
         torch.testing.assert_close(p.detach(), w, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_steps_past_total_steps_are_plain_base_steps(schedule):
+    groups, bias = random_setup(3, [1.0, 2.0])
+    params = [p for grp in groups for p in grp] + [bias]
+    opt = DAS(params, torch.optim.SGD, groups=groups, alpha=1.0, alpha_schedule=schedule, total_steps=2, lr=0.1)
+    factors = []
+    for t in range(4):
+        factors.append(opt.alpha_factor())
+        before = [(p.detach().clone(), p.grad.clone()) for p in params]
+        opt.step()
+        if t >= 2:
+            for p, (w, g) in zip(params, before):
+                torch.testing.assert_close(p.detach(), w - 0.1 * g, rtol=1e-14, atol=0)
+    assert factors[0] == 1.0 and 0 < factors[1] < 1 and factors[2:] == [0.0, 0.0]
