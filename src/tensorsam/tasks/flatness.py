@@ -123,6 +123,8 @@ def run_flatness(cfg: FlatnessConfig, work_dir=None) -> dict:
         for kind in cfg.directions:
             span = cfg.span if kind == "raw" else cfg.filter_span
             ts = torch.linspace(-span, span, cfg.points, dtype=torch.float64)
+            if cfg.points % 2:
+                ts[cfg.points // 2] = 0.0  # the solution itself, exactly
             d = raw if kind == "raw" else filter_normalised(raw, cores)
             t0 = time.perf_counter()
             with torch.no_grad():

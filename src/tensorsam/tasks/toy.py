@@ -142,7 +142,7 @@ def figures(results: dict, out_dir: Path) -> list[Path]:
         return []
     fig = Figure(figsize=(3.2 * len(noises), 5.6), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2, len(noises), squeeze=False)
+    axes = fig.subplots(2, len(noises), squeeze=False, sharey="row")
     styles = {"gd": {"color": "tab:blue", "label": "GD"}, "sam": {"color": "tab:red", "label": "SAM"}}
     for j, noise in enumerate(noises):
         for r in (r for r in runs if r["noise"] == noise):
@@ -152,6 +152,7 @@ def figures(results: dict, out_dir: Path) -> list[Path]:
         axes[0, j].set_title(f"noise = {noise:g}")
         axes[0, j].set_yscale("log")
         axes[1, j].set_xlabel("iteration")
+        axes[1, j].set_yscale("symlog")
         axes[1, j].axhline(0.0, color="grey", lw=0.5)
     axes[0, 0].set_ylabel("norm deviation Q")
     axes[1, 0].set_ylabel("Cov(s, γ)")
