@@ -387,3 +387,4 @@ def test_low_precision_norms_are_reduced_in_float32(dtype):
     for got in (norms(ts, True), norms(ts, False), StackedNorms(ts)(ts)):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+

@@ -367,7 +367,7 @@ class GroupPlan:
         the plan); the multi-tensor path uses a cached :class:`StackedNorms`."""
         if not foreach:
             return norms(tensors, False)
-        key = len(tensors)
+        key = (len(tensors), tensors[0].device, tensors[0].dtype)   # survives model.to(...)
         if key not in self._stacked:
             self._stacked[key] = StackedNorms(tensors)
         return self._stacked[key](tensors)
