@@ -203,10 +203,13 @@ def summary_lines(rows: list[dict]) -> list[str]:
 def markdown(rows: list[dict], goals: dict, info: str, repeats: int) -> str:
     head = (f"Machine: {info}. Median of {repeats} interleaved repeats, forward+backward "
             "(input gradients included).")
-    lines = [head, "", "| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
-    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
-    lines += [""] + [f"- {s}" for s in goal_lines(goals)]
-    lines += [f"- {s}" for s in summary_lines(rows)]
+    lines = [head, ""]
+    if rows:
+        lines += ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
+        lines += ["| " + " | ".join(cells(r)) + " |" for r in rows] + [""]
+    lines += [f"- {s}" for s in goal_lines(goals)]
+    if rows:
+        lines += [f"- {s}" for s in summary_lines(rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -239,7 +242,7 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(markdown(rows, goals, info, args.repeats))
         console.print(f"written {args.out}")
-    for line in summary_lines(rows):
+    for line in summary_lines(rows) if rows else []:
         console.print(line)
     return 0 if all(r["ok"] for r in rows) else 1
 
