@@ -103,3 +103,17 @@ def test_optimizers_take_a_peft_model_as_groups():
         model(input_ids=x).last_hidden_state.pow(2).mean().backward()
         opt.step()
         assert any(not torch.equal(a, p) for a, p in zip(before, trainable))
+
+
+@pytest.mark.parametrize("bad", [[[]], [["a", "b"]], [[torch.zeros(2)]]])
+def test_malformed_custom_groups_are_refused_with_the_module_named(bad):
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(torch.randn(2))
+
+        def scale_invariant_groups(self):
+            return bad
+
+    with pytest.raises(ValueError, match=r"Odd.scale_invariant_groups\(\) \(module 'odd'\)"):
+        scale_invariant_groups(nn.ModuleDict({"odd": Odd()}))

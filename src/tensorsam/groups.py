@@ -85,6 +85,11 @@ def named_scale_invariant_groups(model: nn.Module) -> list[Group]:
             prefix = f"{name}." if name else ""
             for grp in custom():
                 grp = list(grp)
+                if not grp or not all(isinstance(item, (tuple, list)) and len(item) == 2
+                                      and isinstance(item[0], str) and isinstance(item[1], nn.Parameter)
+                                      for item in grp):
+                    raise ValueError(f"{type(module).__name__}.scale_invariant_groups() (module {name!r}) "
+                                     "must return non-empty lists of (name, parameter) pairs")
                 found.append(Group(tuple(prefix + n for n, _ in grp), tuple(p for _, p in grp),
                                    "custom", name))
             skip_prefixes.append(prefix if name else "")
