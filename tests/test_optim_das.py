@@ -191,3 +191,18 @@ def test_steps_past_total_steps_are_plain_base_steps(schedule):
             for p, (w, g) in zip(params, before):
                 torch.testing.assert_close(p.detach(), w - 0.1 * g, rtol=1e-14, atol=0)
     assert factors[0] == 1.0 and 0 < factors[1] < 1 and factors[2:] == [0.0, 0.0]
+
+
+def test_param_group_dicts_give_each_core_its_own_lr_and_alpha():
+    """Cores spread over two param-group dicts, with their own lr and alpha (u per group so that
+    each group's expectation is independent of the others)."""
+    groups, bias = random_setup(4, [1.0, 0.5, 2.0])
+    want = (expected_das([groups[0]], 0.1, 0.5, "group", "paper")
+            + expected_das([groups[1]], 0.02, 2.0, "group", "paper")
+            + expected_das([groups[2]], 0.02, 2.0, "group", "paper"))
+    opt = DAS([{"params": groups[0], "lr": 0.1, "alpha": 0.5}, {"params": groups[1] + groups[2] + [bias]}],
+              torch.optim.SGD, groups=[groups[1], groups[0], groups[2]], alpha=2.0, normalization="group",
+              lr=0.02)
+    opt.step()
+    for p, w in zip([p for grp in groups for p in grp], want):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-12, atol=1e-14)
