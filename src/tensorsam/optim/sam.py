@@ -77,10 +77,17 @@ class SAM(WrappedOptimizer):
             loss_fn(model(x), y).backward()
         opt.second_step(zero_grad=True)
 
-    Gradient accumulation: accumulate the micro-batch gradients, call ``first_step`` once
-    (it perturbs with the accumulated gradient), accumulate the perturbed-pass gradients, call
-    ``second_step`` once (weights restored once).  Calling ``first_step`` twice without
-    ``second_step`` raises instead of overwriting the saved weights.
+    Gradient accumulation over ``n`` micro-batches (equal to one step on the whole batch)::
+
+        for xb, yb in micro_batches:
+            (loss_fn(model(xb), yb) / n).backward()
+        opt.first_step(zero_grad=True)    # e from the accumulated gradient, w saved once
+        for xb, yb in micro_batches:
+            (loss_fn(model(xb), yb) / n).backward()
+        opt.second_step(zero_grad=True)   # w restored once, one base step
+
+    Calling ``first_step`` twice without ``second_step`` raises instead of overwriting the saved
+    weights (the bug of the authors' accumulation code, SPEC §3).
 
     Mixed precision with ``torch.amp.GradScaler``: the perturbation direction does not depend
     on the loss scale, so ``first_step`` runs on the scaled gradients; a non-finite first-pass
