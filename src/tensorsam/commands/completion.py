@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a config key (repeatable), e.g. --set rho=0.05")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--merge", nargs="+", metavar="DIR",
+                   help="instead of running: merge these output dirs (same config, other seeds) into --out")
 
 
 def config_from_args(args):
@@ -63,6 +65,14 @@ def run(args) -> int:
     from tensorsam.tasks.completion import run_completion, summary_lines
 
     started = time.time()
+    if args.merge:
+        from tensorsam.tasks.completion import merge_results
+
+        result = merge_results(args.merge, args.out)
+        for line in summary_lines(result["runs"]):
+            print(line)
+        print(f"wrote {Path(args.out) / 'results.json'}")
+        return 0
     cfg = config_from_args(args)
     result = run_completion(cfg, args.out, resume=args.resume, progress=not args.no_progress, started=started)
     for line in summary_lines(result["runs"]):
