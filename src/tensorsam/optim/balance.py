@@ -71,7 +71,10 @@ def _rescale_state(optimizer: torch.optim.Optimizer, cores, c: torch.Tensor) -> 
 
 @torch.no_grad()
 def rebalance_(groups, optimizer: torch.optim.Optimizer | None = None, foreach: bool | None = None) -> None:
-    """Rebalance every group in place (see :func:`rebalance_factors`); no host sync.
+    """Rebalance every group in place (see :func:`rebalance_factors`).
+
+    It reads no device value, but builds the group index anew on every call (one small
+    host-to-device copy on a GPU); :class:`Rebalance` builds it once.
 
     ``groups`` is a model or a list of parameter lists.  With ``optimizer`` (a torch optimizer
     or a tensorsam wrapper), its state of the rescaled cores is rescaled consistently

@@ -69,6 +69,9 @@ class SAM(WrappedOptimizer):
             return loss
         loss = opt.step(closure)          # loss at w (the first pass)
 
+    (The closure runs both passes in training mode, so BatchNorm running statistics see the
+    perturbed pass too; the two-step style below keeps them out.)
+
     Two-step style, with BatchNorm statistics kept from the perturbed pass::
 
         loss_fn(model(x), y).backward()
