@@ -62,20 +62,30 @@ def our_loop(method, cfg, values, masks, seed):
     return step
 
 
-def measure(make, iterations: int) -> dict:
-    """Setup (+ compilation) time, warm-up, then ``iterations`` timed steps."""
-    t0 = time.perf_counter()
-    step = make()
-    for _ in range(WARMUP):
-        step()
-    setup = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    for _ in range(iterations):
-        step()
-    steady = (time.perf_counter() - t1) / iterations
-    e2e = setup + steady * (FULL - WARMUP)
-    return {"setup_s": setup, "s_per_it": steady, "it_per_s": 1 / steady, "e2e_full_s": e2e,
-            "measured_e2e_s": setup + steady * iterations}
+def measure(makers: dict, iterations: int, rounds: int = 10) -> dict:
+    """Setup (+ compilation) and warm-up time of each variant, then ``iterations`` timed steps of
+    each, interleaved in ``rounds`` chunks so that every variant sees the same machine load."""
+    steps, setup = {}, {}
+    for name, make in makers.items():
+        t0 = time.perf_counter()
+        steps[name] = make()
+        for _ in range(WARMUP):
+            steps[name]()
+        setup[name] = time.perf_counter() - t0
+    spent = dict.fromkeys(makers, 0.0)
+    chunk = max(1, iterations // rounds)
+    for _ in range(rounds):
+        for name, step in steps.items():
+            t1 = time.perf_counter()
+            for _ in range(chunk):
+                step()
+            spent[name] += time.perf_counter() - t1
+    out = {}
+    for name in makers:
+        steady = spent[name] / (chunk * rounds)
+        out[name] = {"setup_s": setup[name], "s_per_it": steady, "it_per_s": 1 / steady,
+                     "e2e_full_s": setup[name] + steady * (FULL - WARMUP)}
+    return out
 
 
 def main(argv=None) -> int:
@@ -95,10 +105,10 @@ def main(argv=None) -> int:
     m = masks[42]
     init = [c.detach() for c in build_model(cfg, values.shape, cfg.rank, 42).cores]
     n = args.iterations
-    res = {"plain Adam (tensorly + boolean mask)": measure(lambda: plain_loop(values, m.train, init), n)}
+    makers = {"plain Adam (tensorly + boolean mask)": lambda: plain_loop(values, m.train, init)}
     for method in ("adam", "sam", "das", "rebalance"):
-        res[f"ours {method}"] = measure(lambda method=method: our_loop(method, cfg, values, m, 42), n)
-        print(method, f"{res[f'ours {method}']['it_per_s']:.0f} it/s", flush=True)
+        makers[f"ours {method}"] = lambda method=method: our_loop(method, cfg, values, m, 42)
+    res = measure(makers, n)
     plain, adam = res["plain Adam (tensorly + boolean mask)"], res["ours adam"]
     extrap = "" if n + WARMUP >= FULL else " (extrapolated from the steady-state rate)"
     lines = [
@@ -107,7 +117,7 @@ def main(argv=None) -> int:
         (f"`python benchmarks/completion.py --iterations {n}` on {platform.processor() or platform.machine()}, "
         f"{args.threads} torch thread(s), torch {torch.__version__}, compile={cfg.compile}. "
         "The machine is a 2-core CPU shared with other jobs, so absolute numbers are noisy; "
-        "all variants ran in one process, one after the other."),
+        "all variants ran in one process, their timed steps interleaved in 10 chunks so that each sees the same load."),
         "",
         f"| variant | steady-state it/s | ms / 1000 it | setup + warm-up s | 50k-iteration run s{extrap} |",
         "|---|---|---|---|---|",
