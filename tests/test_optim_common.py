@@ -182,6 +182,7 @@ def test_state_dict_round_trip_is_bit_exact(kind, base):
     opt2.load_state_dict(saved)
     assert opt2._step == opt._step
     assert opt2.param_groups is opt2.base_optimizer.param_groups
+    assert opt2.state is opt2.base_optimizer.state and saved["state"] == {}
     train(opt2, loss_fn2, 2)
     for a, b in zip(straight, params2):
         assert torch.equal(a, b)
@@ -388,3 +389,18 @@ def test_low_precision_norms_are_reduced_in_float32(dtype):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
 
+
+
+@pytest.mark.parametrize("kind", ["sam", "das", "rebalance"])
+def test_wrapper_state_is_the_base_state(kind):
+    """``optimizer.state`` reaches the momentum buffers (tools walk it, e.g. to move the state to
+    a device): writing through the wrapper changes what the base optimizer uses."""
+    params, groups, loss_fn = toy()
+    opt = make(kind, params, groups)
+    train(opt, loss_fn, 1)
+    assert opt.state is opt.base_optimizer.state
+    assert set(opt.state[params[0]]) == {"momentum_buffer"}
+    opt.state[params[0]]["momentum_buffer"] = torch.zeros_like(params[0])
+    assert torch.equal(opt.base_optimizer.state[params[0]]["momentum_buffer"], torch.zeros_like(params[0]))
+    clone = copy.deepcopy(opt)
+    assert clone.state is clone.base_optimizer.state

@@ -1,10 +1,12 @@
 """What every tensorsam optimizer shares: wrapping a base ``torch.optim`` optimizer.
 
-A wrapper is a real :class:`torch.optim.Optimizer` whose ``param_groups`` *are* the base
-optimizer's (the same list of the same dicts), so LR schedulers attached to the wrapper
-change the base learning rate, and hyperparameters of the wrapper (``rho``, ``alpha``) live
-in those dicts next to ``lr``.  ``state_dict`` holds the wrapper's own state, the base
-optimizer's state dict under ``"base"`` and python counters under ``"wrapper"``.
+A wrapper is a real :class:`torch.optim.Optimizer` whose ``param_groups`` and ``state`` *are*
+the base optimizer's (the same objects), so LR schedulers attached to the wrapper change the
+base learning rate, tools that walk ``optimizer.state`` (e.g. to move it to a device) reach
+the momentum buffers and moments, and hyperparameters of the wrapper (``rho``, ``alpha``) live
+in those dicts next to ``lr``.  ``state_dict`` holds the param groups, the base optimizer's
+state dict under ``"base"`` (the per-parameter state is saved there only) and python
+counters under ``"wrapper"``.
 
 Per-tensor work has a plain path (a python loop of per-tensor ops) and a multi-tensor path
 (``torch._foreach_*``); ``foreach=None`` picks the multi-tensor path.  Neither reads a
@@ -181,6 +183,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
         super().__init__(base.param_groups, defaults)  # adds our defaults to the shared dicts
         self._initialising = False
         self.param_groups = base.param_groups
+        self.state = base.state    # shared too: tools that walk optimizer.state see the moments
         for g in self.param_groups:
             self._check_group(g)
         self.defaults.update({k: v for k, v in base.defaults.items() if k not in self.defaults})
@@ -222,6 +225,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
+        sd["state"] = {}           # the (shared) per-parameter state is saved once, under "base"
         sd["base"] = self.base_optimizer.state_dict()
         sd["wrapper"] = self._extra_state()
         return sd
@@ -230,12 +234,13 @@ class WrappedOptimizer(torch.optim.Optimizer):
         if not isinstance(state_dict, dict) or "base" not in state_dict:
             raise ValueError("not a tensorsam optimizer state dict: the 'base' entry (the base "
                              "optimizer's state) is missing")
-        sd = dict(state_dict)
+        sd = dict(state_dict, state={})
         base_sd = sd.pop("base")
         extra = sd.pop("wrapper", {})
         self.base_optimizer.load_state_dict(base_sd)
         super().load_state_dict(sd)
         self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
         self._load_extra_state(extra)
 
     # -- helpers --------------------------------------------------------------------------------
