@@ -30,13 +30,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", choices=["paper", "validated"],
                    help="'validated': early stopping and rank selection on a validation split")
     p.add_argument("--out", default="runs/completion", help="output directory (results.json, solutions.pt)")
-    p.add_argument("--config", help="YAML/TOML/JSON file of CompletionConfig keys")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (repeatable), e.g. --set rho=0.05")
+    add_config_arguments(p, "CompletionConfig")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--merge", nargs="+", metavar="DIR",
                    help="instead of running: merge these output dirs (same config, other seeds) into --out")
+
+
+def add_config_arguments(p: argparse.ArgumentParser, config_name: str) -> None:
+    """``--config FILE`` and repeatable ``--set KEY=VALUE`` (shared by completion, toy, flatness)."""
+    p.add_argument("--config", help=f"YAML/TOML/JSON file of {config_name} keys")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable), e.g. --set rho=0.05")
+
+
+def overrides_from(args, keys) -> list[str]:
+    """``--set`` overrides followed by ``key=value`` for each flag in ``keys`` that was given."""
+    overrides = list(args.overrides)
+    overrides += [f"{key}={getattr(args, key)}" for key in keys if getattr(args, key) is not None]
+    return overrides
 
 
 def config_from_args(args):
@@ -44,11 +56,7 @@ def config_from_args(args):
     from tensorsam.runner import load_config
     from tensorsam.tasks.completion import CompletionConfig
 
-    overrides = list(args.overrides)
-    for key in ("methods", "seeds", "iterations", "protocol"):
-        value = getattr(args, key)
-        if value is not None:
-            overrides.append(f"{key}={value}")
+    overrides = overrides_from(args, ("methods", "seeds", "iterations", "protocol"))
     set_keys = {o.partition("=")[0].strip() for o in overrides}
     cfg = load_config(CompletionConfig, args.config, overrides)
     if "iterations" not in set_keys and not _file_sets(args.config, "iterations"):

@@ -6,6 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
+from tensorsam.commands.completion import add_config_arguments, overrides_from
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="source",
@@ -13,9 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", help="comma-separated (default hooi,adam,sam,das)")
     p.add_argument("--seed", type=int, help="mask seed whose solutions are probed (default 42)")
     p.add_argument("--out", default="runs/flatness", help="output directory (results.json, fig2_flatness.png)")
-    p.add_argument("--config", help="YAML/TOML/JSON file of FlatnessConfig keys")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (repeatable), e.g. --set directions=raw")
+    add_config_arguments(p, "FlatnessConfig")
 
 
 def run(args) -> int:
@@ -23,10 +23,7 @@ def run(args) -> int:
     from tensorsam.tasks.flatness import FlatnessConfig, figures, run_flatness
 
     started = time.time()
-    overrides = list(args.overrides)
-    for key in ("source", "methods", "seed"):
-        if getattr(args, key) is not None:
-            overrides.append(f"{key}={getattr(args, key)}")
+    overrides = overrides_from(args, ("source", "methods", "seed"))
     cfg = load_config(FlatnessConfig, args.config, overrides)
     out = Path(args.out)
     result = run_flatness(cfg, work_dir=out / "completion")

@@ -6,14 +6,14 @@ import argparse
 import time
 from pathlib import Path
 
+from tensorsam.commands.completion import add_config_arguments, overrides_from
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noises", help="comma-separated noise levels (default 0,0.5,1,2)")
     p.add_argument("--iterations", type=int, help="steps per run (default 10000)")
     p.add_argument("--out", default="runs/toy", help="output directory (results.json, fig1_toy.png)")
-    p.add_argument("--config", help="YAML/TOML/JSON file of ToyConfig keys")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (repeatable), e.g. --set rho=0.1")
+    add_config_arguments(p, "ToyConfig")
 
 
 def run(args) -> int:
@@ -21,11 +21,7 @@ def run(args) -> int:
     from tensorsam.tasks.toy import ToyConfig, figures, run_toy
 
     started = time.time()
-    overrides = list(args.overrides)
-    if args.noises is not None:
-        overrides.append(f"noises={args.noises}")
-    if args.iterations is not None:
-        overrides.append(f"iterations={args.iterations}")
+    overrides = overrides_from(args, ("noises", "iterations"))
     cfg = load_config(ToyConfig, args.config, overrides)
     result = run_toy(cfg)
     out = Path(args.out)

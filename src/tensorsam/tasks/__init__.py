@@ -1,1 +1,28 @@
-"""tensorsam.tasks"""
+"""tensorsam.tasks: one module per experiment (completion E1, toy E2, flatness E3).
+
+Each module has a config dataclass, a ``run_*`` function returning result records and a
+``figures(results, out_dir)`` used by ``tensorsam report``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def figure_grid(rows: int, cols: int, size: tuple[float, float], **kwargs):
+    """A matplotlib Figure (Agg, no pyplot state) and its ``rows x cols`` axes array."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(rows, cols, squeeze=False, **kwargs)
+
+
+def save_figure(fig, out_dir, name: str, dpi: int = 120) -> Path:
+    """Save ``fig`` as ``out_dir/name`` (folders created) and return the path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    fig.savefig(path, dpi=dpi)
+    return path

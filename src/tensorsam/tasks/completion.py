@@ -591,20 +591,15 @@ def summary_lines(runs: list[dict]) -> list[str]:
 def figures(results: dict, out_dir: Path) -> list[Path]:
     """Norm dynamics (Q, Cov) and training R² against iterations, one line per (method, seed), and
     training / held-out R² per method (mean ± std over seeds)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from tensorsam.tasks import figure_grid, save_figure
 
     runs = results["runs"]
     methods = list(dict.fromkeys(r["method"] for r in runs))
     colors = {m: f"C{i}" for i, m in enumerate(methods)}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = []
     traced = [r for r in runs if r.get("trace")]
     if traced:
-        fig = Figure(figsize=(15, 4), layout="constrained")
-        FigureCanvasAgg(fig)
-        axes = fig.subplots(1, 3)
+        fig, (axes,) = figure_grid(1, 3, (15, 4))
         for r in traced:
             tr = r["trace"]
             label = r["method"] if r["seed"] == min(x["seed"] for x in traced) else None
@@ -614,11 +609,8 @@ def figures(results: dict, out_dir: Path) -> list[Path]:
         axes[1].set(yscale="symlog", ylabel="Cov(s, γ)", xlabel="iteration")
         axes[2].set(ylim=(0, 1), ylabel="training R²", xlabel="iteration")
         axes[0].legend()
-        paths.append(out / "completion_dynamics.png")
-        fig.savefig(paths[-1], dpi=110)
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2)
+        paths.append(save_figure(fig, out_dir, "completion_dynamics.png"))
+    fig, (axes,) = figure_grid(1, 2, (10, 4))
     for ax, key in zip(axes, ("train_r2", "heldout_r2")):
         vals = [np.array([r[key] for r in runs if r["method"] == m], dtype=float) for m in methods]
         ax.bar(methods, [v.mean() for v in vals], yerr=[v.std(ddof=1) if len(v) > 1 else 0 for v in vals],
@@ -629,6 +621,5 @@ def figures(results: dict, out_dir: Path) -> list[Path]:
             ax.set_ylim(max(low - 0.01, 0.0) if low > 0 else None, 1.0)
         else:
             ax.set_yscale("symlog")
-    paths.append(out / "completion_r2.png")
-    fig.savefig(paths[-1], dpi=110)
+    paths.append(save_figure(fig, out_dir, "completion_r2.png"))
     return paths

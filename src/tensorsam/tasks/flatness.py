@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from tensorsam.runner import load_checkpoint
+from tensorsam.tasks import figure_grid, save_figure
 from tensorsam.tasks.completion import CompletionConfig, contraction_plan, prepare, reconstruct
 from tensorsam.tensors import get_format
 
@@ -142,16 +143,11 @@ def run_flatness(cfg: FlatnessConfig, work_dir=None) -> dict:
 
 def figures(results: dict, out_dir: Path) -> list[Path]:
     """Fig. 2 analogue: training loss and held-out R² along the direction(s), one line per method."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     runs = [r for r in results["runs"] if "trace" in r]
     kinds = list(dict.fromkeys(r["direction"] for r in runs))
     if not runs:
         return []
-    fig = Figure(figsize=(5.0 * len(kinds), 7.0), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(2, len(kinds), squeeze=False)
+    fig, axes = figure_grid(2, len(kinds), (5.0 * len(kinds), 7.0))
     for j, kind in enumerate(kinds):
         for r in (r for r in runs if r["direction"] == kind):
             tr = r["trace"]
@@ -165,8 +161,4 @@ def figures(results: dict, out_dir: Path) -> list[Path]:
     axes[0, 0].set_ylabel("training loss (sum of squares)")
     axes[1, 0].set_ylabel("held-out R²")
     axes[0, 0].legend()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "fig2_flatness.png"
-    fig.savefig(path, dpi=120)
-    return [path]
+    return [save_figure(fig, out_dir, "fig2_flatness.png")]

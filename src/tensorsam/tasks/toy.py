@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from tensorsam.dynamics import NormTracker
+from tensorsam.tasks import figure_grid, save_figure
 from tensorsam.tensors import get_format
 
 METHODS = ("gd", "sam")
@@ -133,16 +134,11 @@ def run_toy(cfg: ToyConfig) -> dict:
 
 def figures(results: dict, out_dir: Path) -> list[Path]:
     """Fig. 1 analogue: Q and Cov(s, gamma) against iterations, GD vs SAM, one column per noise."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     runs = [r for r in results["runs"] if "trace" in r]
     noises = sorted({r["noise"] for r in runs})
     if not runs:
         return []
-    fig = Figure(figsize=(3.2 * len(noises), 5.6), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(2, len(noises), squeeze=False, sharey="row")
+    fig, axes = figure_grid(2, len(noises), (3.2 * len(noises), 5.6), sharey="row")
     styles = {"gd": {"color": "tab:blue", "label": "GD"}, "sam": {"color": "tab:red", "label": "SAM"}}
     for j, noise in enumerate(noises):
         for r in (r for r in runs if r["noise"] == noise):
@@ -157,8 +153,4 @@ def figures(results: dict, out_dir: Path) -> list[Path]:
     axes[0, 0].set_ylabel("norm deviation Q")
     axes[1, 0].set_ylabel("Cov(s, γ)")
     axes[0, 0].legend()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "fig1_toy.png"
-    fig.savefig(path, dpi=120)
-    return [path]
+    return [save_figure(fig, out_dir, "fig1_toy.png")]
