@@ -245,7 +245,13 @@ class Objective:
             key = (model.einsum_equation(), tuple(model.core_shapes()), dtype)
             fn = self._compiled_cache.get(key)
             if fn is None:
-                fn = torch.compile(torch.func.grad_and_value(self.loss_fn))
+                grad_and_value = torch.func.grad_and_value(self.loss_fn)
+
+                def contiguous_grads(cores, idx, y, scale):
+                    grads, loss = grad_and_value(cores, idx, y, scale)
+                    return tuple(g.contiguous() for g in grads), loss  # see closure()
+
+                fn = torch.compile(contiguous_grads)
             torch._dynamo.mark_dynamic(self.idx, 0)  # one graph for every mask size
             torch._dynamo.mark_dynamic(self.y, 0)
             try:
