@@ -172,6 +172,14 @@ def machine(device) -> str:
     return f"{cpu}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads"
 
 
+def omp_env() -> str:
+    """The threading variables that change CPU timings (an oversubscribed machine with OpenMP's
+    default spin-waiting makes every parallel region cost milliseconds; OMP_WAIT_POLICY=PASSIVE
+    avoids that)."""
+    keys = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    return ", ".join(f"{k}={os.environ.get(k, 'unset')}" for k in keys)
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
@@ -267,6 +275,8 @@ def render(res, args) -> tuple[Table, Table, str]:
         (f"`python benchmarks/optim.py{' --quick' if args.quick else ''} --device {args.device}` — "
          f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, tensorsam {__version__} "
          f"(commit {git_commit()}), torch {torch.__version__}, Python {platform.python_version()}."),
+        "",
+        f"Environment: {omp_env()}.",
         "",
         (f"Machine: {machine(res['device'])}. Batch {args.batch}, random CIFAR-shaped data; "
          f"TR-ResNet-32 rank 15 ({res['n_params']} parameters, {res['n_groups']} groups). "
