@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from tensorsam.optim.base import segment_sum
+from tensorsam.optim.das import sam_u
 
 __all__ = [
     "NormTracker",
@@ -155,12 +156,9 @@ def covariance(s: torch.Tensor, gamma: torch.Tensor, index: torch.Tensor | None 
 
 
 def normalizer(gamma: torch.Tensor) -> torch.Tensor:
-    """SAM's normalisation u = (sum_j gamma_j)^(-1/2) (Theorem 2; Algorithm 1 divides by ||g||).
-
-    Summed over every core of every group this is the multi-layer u_D (Theorems A.1/A.2).
-    An all-zero gradient gives u = inf.
-    """
-    return gamma.sum().rsqrt()
+    """u = (sum_j gamma_j)^(-1/2) of the squared gradient norms ``gamma``, via
+    :func:`tensorsam.optim.das.sam_u` (Theorem 2); an all-zero gradient gives u = 0."""
+    return sam_u(gamma.sum())
 
 
 # -- public per-group API --------------------------------------------------------------------

@@ -18,6 +18,15 @@ NORMALIZATIONS = ("global", "group")
 VARIANTS = ("paper", "authors")
 
 
+def sam_u(total: torch.Tensor) -> torch.Tensor:
+    """SAM's normalisation u = (sum_j gamma_j)^(-1/2) (Theorem 2; Algorithm 1 divides by ||g||).
+
+    ``total`` is the sum of squared gradient norms; over every core of every group it gives the
+    multi-layer u_D (appendix Theorems A.1/A.2).  A zero total (no gradient) gives u = 0.
+    """
+    return torch.where(total > 0, total.rsqrt(), torch.zeros_like(total))
+
+
 def das_lambda(s: torch.Tensor, gamma: torch.Tensor, seg: torch.Tensor, counts: torch.Tensor,
                eta_alpha: torch.Tensor, normalization: str = "global",
                divisor: str = "squared") -> torch.Tensor:
@@ -38,7 +47,7 @@ def das_lambda(s: torch.Tensor, gamma: torch.Tensor, seg: torch.Tensor, counts: 
     group_sum = segment_sum(gamma, seg, counts.numel())
     gamma_bar = (group_sum / counts)[seg]
     total = group_sum.sum() if normalization == "global" else group_sum[seg]
-    u = torch.where(total > 0, total.rsqrt(), torch.zeros_like(total))
+    u = sam_u(total)
     denom = s if divisor == "squared" else s.sqrt()
     ok = denom > 0
     lam = eta_alpha * u * (gamma - gamma_bar) / torch.where(ok, denom, torch.ones_like(denom))
