@@ -10,7 +10,7 @@ demo: install
 	tensorsam completion --out runs/completion-default
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -p no:cacheprovider
 
 bench: install
 	$(PY) benchmarks/layers.py && $(PY) benchmarks/optim.py && $(PY) benchmarks/completion.py
