@@ -95,23 +95,24 @@ def test_gradcheck(fmt, mode):
         assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5, fast_mode=True)
 
 
-def test_single_threaded_contraction_gradients_match():
-    """The single-threaded inner-graph path gives the same gradients as plain autograd."""
-    torch.manual_seed(0)
-    layer = TensorizedConv2d(8, 8, 3, format="tr", rank=3, padding=1, forward_mode="reconstructed", dtype=F64)
-    x = torch.randn(2, 8, 5, 5, dtype=F64)
+@pytest.mark.parametrize("mode", ["factorized", "reconstructed"])
+def test_double_backward_and_torch_func_with_threads(mode):
+    """Second derivatives and torch.func transforms work with several intra-op threads (a
+    custom single-threaded autograd.Function once gave silently wrong double backward here)."""
     threads = torch.get_num_threads()
-    grads = []
-    for n in (max(threads, 2), 1):  # > 1 thread takes the inner-graph path, 1 thread plain autograd
-        torch.set_num_threads(n)
-        try:
-            layer.zero_grad()
-            layer(x).square().sum().backward()
-            grads.append([p.grad.clone() for p in layer.cores])
-        finally:
-            torch.set_num_threads(threads)
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        layer = TensorizedLinear(6, 4, format="tr", rank=2, shape=((3, 2), (2, 2)), forward_mode=mode, dtype=F64)
+        x = torch.randn(3, 6, dtype=F64, requires_grad=True)
+        assert torch.autograd.gradgradcheck(lambda x: layer(x), (x,))
+        params = {n: p.detach() for n, p in layer.named_parameters()}
+        grads = torch.func.grad(lambda p: torch.func.functional_call(layer, p, (x.detach(),)).square().sum())(params)
+        layer(x.detach()).square().sum().backward()
+        for n, p in layer.named_parameters():
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-10, atol=1e-12)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -8,7 +8,6 @@ is cached by operand shapes, so the per-call cost is the pairwise contractions o
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,9 +16,6 @@ import torch
 
 # relative cost of moving one element vs one multiply-add, used by the FLOP+memory estimate
 MEMORY_WEIGHT = 4.0
-# contractions cheaper than this run on one thread: each pairwise step is a tiny GEMM whose
-# parallel region costs more than it saves (and far more when the cores are oversubscribed)
-SINGLE_THREAD_MAX_FLOPS = 5e7
 
 
 def equation(operand_labels: Sequence[Sequence[int]], out_labels: Sequence[int]) -> str:
@@ -31,7 +27,11 @@ def equation(operand_labels: Sequence[Sequence[int]], out_labels: Sequence[int])
 
 @dataclass
 class Contraction:
-    """A compiled opt_einsum expression plus its cost estimate (for ``forward_mode='auto'``)."""
+    """A compiled opt_einsum expression plus its cost estimate (for ``forward_mode='auto'``).
+
+    Calling it runs plain torch ops (``tensordot``/``bmm``), so autograd, double backward,
+    ``torch.func`` transforms and every device work as for any torch code.
+    """
 
     expression: opt_einsum.contract.ContractExpression
     flops: float
@@ -39,15 +39,6 @@ class Contraction:
     out_shape: tuple[int, ...] | None = None  # reshape of the result, done inside the contraction
 
     def __call__(self, *operands: torch.Tensor) -> torch.Tensor:
-        if (self.flops > SINGLE_THREAD_MAX_FLOPS or torch.get_num_threads() == 1
-                or operands[0].device.type != "cpu"):
-            return self.run(*operands)
-        if not (torch.is_grad_enabled() and any(o.requires_grad for o in operands)):
-            with single_thread():
-                return self.run(*operands)
-        return _SingleThreaded.apply(self.run, *operands)
-
-    def run(self, *operands: torch.Tensor) -> torch.Tensor:
         out = self.expression(*operands, backend="torch")
         return out if self.out_shape is None else out.reshape(self.out_shape)
 
@@ -77,40 +68,3 @@ def compile_contraction(operand_labels: Sequence[Sequence[int]], operand_shapes:
         memory += n
     expr = opt_einsum.contract_expression(eq, *shapes, optimize=path)
     return Contraction(expr, float(info.opt_cost), memory, None if out_shape is None else tuple(out_shape))
-
-
-@contextlib.contextmanager
-def single_thread():
-    """Run the enclosed ops on one intra-op thread (restored on exit)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-class _SingleThreaded(torch.autograd.Function):
-    """A small contraction whose forward *and* backward run on one thread.
-
-    The forward records the pairwise steps in an inner graph on detached leaves; the backward
-    differentiates that graph with ``torch.autograd.grad``, so the intermediates are reused
-    exactly as plain autograd would, only without a parallel region per tiny GEMM.
-    """
-
-    @staticmethod
-    def forward(ctx, run, *operands):
-        with torch.enable_grad(), single_thread():
-            leaves = [o.detach().requires_grad_(o.requires_grad) for o in operands]
-            out = run(*leaves)
-        ctx.inner = (out, leaves)
-        return out.detach()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        out, leaves = ctx.inner  # kept (and the inner graph retained) for a repeated backward
-        need = [x for x in leaves if x.requires_grad]
-        with single_thread():
-            grads = iter(torch.autograd.grad(out, need, grad, retain_graph=True))
-        return (None, *(next(grads) if x.requires_grad else None for x in leaves))
