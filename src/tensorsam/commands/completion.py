@@ -51,6 +51,14 @@ def overrides_from(args, keys) -> list[str]:
     return overrides
 
 
+def print_outputs(figures, out: Path, started: float) -> int:
+    """Name the figures and results file a command wrote; returns the exit status 0."""
+    for path in figures:
+        print(f"wrote {path}")
+    print(f"wrote {out / 'results.json'} ({time.time() - started:.1f} s)")
+    return 0
+
+
 def config_from_args(args):
     """The :class:`CompletionConfig` of the command line (file, then --set, then flags)."""
     from tensorsam.runner import load_config

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from tensorsam.commands.completion import add_config_arguments, overrides_from
+from tensorsam.commands.completion import add_config_arguments, overrides_from, print_outputs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,7 +32,4 @@ def run(args) -> int:
     for r in result["runs"]:
         print(f"{r['label']:<18} loss at 0 {r['loss_at_0']:.4g}, mean rise at d=±span/3 "
               f"{r['loss_rise_at_third']:.4g}, held-out R² at 0 {r['heldout_r2_at_0']:.4g}")
-    for path in figures(results, out):
-        print(f"wrote {path}")
-    print(f"wrote {out / 'results.json'} ({time.time() - started:.1f} s)")
-    return 0
+    return print_outputs(figures(results, out), out, started)

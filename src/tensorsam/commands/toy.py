@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from tensorsam.commands.completion import add_config_arguments, overrides_from
+from tensorsam.commands.completion import add_config_arguments, overrides_from, print_outputs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,7 +29,4 @@ def run(args) -> int:
     for r in result["runs"]:
         print(f"{r['label']:<18} Q {r['Q_initial']:.4g} -> {r['Q_final']:.4g} (x{r['Q_ratio']:.3f})  "
               f"final loss {r['final_loss']:.4g}")
-    for path in figures(results, out):
-        print(f"wrote {path}")
-    print(f"wrote {out / 'results.json'} ({time.time() - started:.1f} s)")
-    return 0
+    return print_outputs(figures(results, out), out, started)
