@@ -178,6 +178,34 @@ def test_estimate_prefers_factorized_for_tiny_rank_and_reconstructed_for_tr_conv
     assert est["reconstructed"] < est["factorized"]
 
 
+@pytest.mark.parametrize("fmt, rank, c, hw", [("tr", 5, 16, 32), ("cp", 4, 64, 8), ("tucker", 4, 64, 8),
+                                              ("tt", 4, 64, 8), ("ttm", 16, 32, 16)])
+def test_auto_does_not_time_obviously_slower_factorized_conv(monkeypatch, fmt, rank, c, hw):
+    """3x3 convs of ResNet/benchmark sizes: the im2col-based factorized forward is far slower than
+    the dense conv, and auto must see it from the estimate alone (timing cost seconds per shape)."""
+    monkeypatch.setenv("TENSORSAM_AUTO_TIMING", "1")
+    monkeypatch.setattr(layers_mod, "_MODE_CACHE", {})
+    layer = TensorizedConv2d(c, c, 3, format=fmt, rank=rank, padding=1)
+
+    def boom(*a, **k):
+        raise AssertionError("timed a factorized conv the estimate already rules out")
+
+    monkeypatch.setattr(layer, "time_modes", boom)
+    with torch.no_grad():
+        assert layer.choose_mode(torch.empty(32, c, hw, hw)) == "reconstructed"
+
+
+def test_auto_still_times_close_conv(monkeypatch):
+    """A wide 1x1 conv at low rank is a close call (measured about even), so it is timed."""
+    monkeypatch.setenv("TENSORSAM_AUTO_TIMING", "1")
+    monkeypatch.setattr(layers_mod, "_MODE_CACHE", {})
+    layer = TensorizedConv2d(256, 256, 1, format="cp", rank=8)
+    calls = []
+    monkeypatch.setattr(layer, "time_modes", lambda x, grad: calls.append(1) or {"factorized": 1.0,
+                                                                                  "reconstructed": 2.0})
+    assert layer.choose_mode(torch.empty(32, 256, 8, 8)) == "factorized" and calls == [1]
+
+
 @pytest.mark.parametrize("fmt", ["cp", "tucker", "tt", "tr"])
 def test_init_matches_kaiming_variance(fmt):
     torch.manual_seed(0)

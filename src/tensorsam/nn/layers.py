@@ -14,7 +14,9 @@ Forward modes (``forward_mode``):
 * ``'reconstructed'``: build the weight with one einsum whose output labels are already in
   ``F.linear``/``F.conv2d`` order, then call the dense op;
 * ``'auto'`` (the default): the cheaper of the two for each input shape.  When the FLOP and
-  memory estimates are within :data:`AUTO_TIMING_MARGIN` of each other, both modes are timed
+  memory estimates are close (factorized between 1/:data:`AUTO_TIMING_MARGIN` and
+  ``timing_margin_above`` times the reconstructed one; convolutions trust a factorized
+  estimate above :data:`CONV_TIMING_MARGIN` at once), both modes are timed
   once (forward and, when gradients are on, backward via ``torch.autograd.grad`` on detached
   inputs, so ``.grad`` and the graph are untouched); the choice is cached per layer
   configuration (format, core shapes, conv settings) and input shape, so identical layers
@@ -43,11 +45,18 @@ FORWARD_MODES = ("auto", "factorized", "reconstructed")
 _MODE_CACHE: dict[tuple, str] = {}
 AUTO_TIMING_ENV = "TENSORSAM_AUTO_TIMING"
 AUTO_TIMING_MARGIN = 16.0  # estimates further apart than this are trusted without timing
+# a factorized conv estimated this many times dearer than the dense conv is never timed: its
+# estimate is a lower bound (below), and 3x3 convs measured 1.5-40x slower factorized whenever
+# their estimate was over 2x (2-core CPU, ResNet-20/32 and benchmark shapes, every format)
+CONV_TIMING_MARGIN = 2.0
 AUTO_TIMING_REPEATS = 3
 AUTO_CLEAR_WIN = 2.0
 # cost units per im2col element of the factorized conv: F.unfold forward plus its col2im
 # backward are memory-bound scatters, measured at a few hundred multiply-adds per element on CPU
 UNFOLD_WEIGHT = 256.0
+# the contraction over the im2col buffer runs as permute+bmm steps on a k_h*k_w times larger
+# operand, at a small fraction of the FLOP rate of the direct (mkldnn/cuDNN) conv it competes with
+IM2COL_GEMM_PENALTY = 4.0
 # formats whose default tensorization keeps the natural (in, [k*k], out) modes
 NATURAL_MODE_FORMATS = ("cp", "tucker")
 
@@ -101,6 +110,8 @@ class _TensorizedLayer(nn.Module):
     """What Linear and Conv2d share: the factorized weight, its labels and the mode choice."""
 
     in_size: int  # in_features, or C_in
+    # auto times both modes only when factorized is estimated at most this many times dearer
+    timing_margin_above: float = AUTO_TIMING_MARGIN
     out_size: int
     kernel_numel: int | None  # k_h*k_w for a convolution, None for a linear layer
 
@@ -227,7 +238,8 @@ class _TensorizedLayer(nn.Module):
         est = self.estimated_costs(x)
         mode = min(est, key=est.get)
         timing = _auto_timing_allowed()
-        if timing and max(est.values()) <= AUTO_TIMING_MARGIN * min(est.values()):
+        ratio = est["factorized"] / est["reconstructed"]
+        if timing and 1.0 / AUTO_TIMING_MARGIN <= ratio <= self.timing_margin_above:
             times = self.time_modes(x, grad)
             mode = min(times, key=times.get)
         if timing:  # under compile/tracing the cache is left alone
@@ -418,11 +430,16 @@ class TensorizedConv2d(_TensorizedLayer):
         out = x.shape[0] * self.out_size * ho * wo
         return 2.0 * out * self.in_size * self.kernel_numel + 2.0 * out
 
+    timing_margin_above = CONV_TIMING_MARGIN
+
     def estimated_costs(self, x):
-        est = super().estimated_costs(x)
-        ho, wo = self._out_hw(x)  # im2col buffer of the factorized mode
-        est["factorized"] += UNFOLD_WEIGHT * x.shape[0] * self.in_size * self.kernel_numel * ho * wo
-        return est
+        """The factorized conv pays for the im2col buffer (``F.unfold`` and its col2im backward)
+        and runs its contraction on it at :data:`IM2COL_GEMM_PENALTY` times the dense conv's cost
+        per FLOP; both are lower bounds, so a large ratio is trusted (``timing_margin_above``)."""
+        ho, wo = self._out_hw(x)
+        cols = x.shape[0] * self.in_size * self.kernel_numel * ho * wo
+        return {"factorized": IM2COL_GEMM_PENALTY * self._input_contraction(x).cost + UNFOLD_WEIGHT * cols,
+                "reconstructed": self._weight_contraction().cost + self._dense_cost(x)}
 
     def forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
         ho, wo = self._out_hw(x)
