@@ -1,8 +1,19 @@
+import pytest
 import torch
 
 from tensorsam.cli import main
 from tensorsam.commands.compress_demo import FORMAT_ORDER, compress_weight, structured_weight
 from tensorsam.tensors import balanced_factors
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread (restored afterwards): CP-ALS runs thousands of tiny matmuls, which
+    took 25 s instead of 1 s with 2 threads on the shared, oversubscribed 2-core CI box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def test_compress_weight_every_format_and_exact_at_full_rank():
