@@ -278,3 +278,12 @@ def test_bad_input():
         tensorize(nn.Sequential(nn.Linear(4, 4)), "nope", 2)
     with pytest.raises(ValueError, match="groups=1"):
         TensorizedConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=2), "tt", 2)
+    with pytest.raises(ValueError, match="groups=1"):
+        TensorizedConv2d(4, 4, 3, format="tt", rank=2, groups=2)
+    with pytest.raises(ValueError, match=r"spatial size \(2, 2\), too small for kernel_size \(3, 3\)"):
+        conv(torch.randn(1, 4, 2, 2))
+    with pytest.raises(ValueError, match="forward_mode"):
+        layer.forward_mode = "fast"  # was silently run as 'reconstructed'
+    assert layer.forward_mode == "auto"
+    layer.forward_mode = "factorized"
+    assert "forward_mode='factorized'" in repr(layer)

@@ -116,8 +116,7 @@ class _TensorizedLayer(nn.Module):
     kernel_numel: int | None  # k_h*k_w for a convolution, None for a linear layer
 
     def _init_factors(self, format: str, rank, shape, bias: bool, forward_mode: str, dtype, device):
-        if forward_mode not in FORWARD_MODES:
-            raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {forward_mode!r}")
+        self.forward_mode = forward_mode  # validated by the property
         self.format = get_format(format).format  # ValueError naming an unknown format
         if shape is None:
             in_modes = default_modes(self.in_size, self.format)
@@ -125,11 +124,21 @@ class _TensorizedLayer(nn.Module):
         else:
             in_modes, out_modes = _split_shape(shape, self.in_size, self.out_size, self.kernel_numel)
         self.in_modes, self.out_modes = in_modes, out_modes
-        self.forward_mode = forward_mode
         factors = self._make_factors(rank, dtype=dtype, device=device)
         self._set_factors(factors)
         self.bias = nn.Parameter(torch.empty(self.out_size, dtype=dtype, device=device)) if bias else None
         self.reset_parameters()
+
+    @property
+    def forward_mode(self) -> str:
+        """``'auto'``, ``'factorized'`` or ``'reconstructed'``; may be changed after construction."""
+        return self._forward_mode
+
+    @forward_mode.setter
+    def forward_mode(self, mode: str) -> None:
+        if mode not in FORWARD_MODES:
+            raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {mode!r}")
+        self._forward_mode = mode
 
     # -- the factorized weight -------------------------------------------------------------
     @property
@@ -387,9 +396,11 @@ class TensorizedConv2d(_TensorizedLayer):
     (in modes..., k_h*k_w, out modes...) (SPEC §6).  Zero padding, ``groups=1``."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, format: str = "tr", rank=8,
-                 shape=None, stride=1, padding=0, dilation=1, bias: bool = True, forward_mode: str = "auto",
-                 dtype=None, device=None):
+                 shape=None, stride=1, padding=0, dilation=1, groups: int = 1, bias: bool = True,
+                 forward_mode: str = "auto", dtype=None, device=None):
         super().__init__()
+        if groups != 1:
+            raise ValueError(f"only groups=1 convolutions can be tensorized, got groups={groups!r}")
         if in_channels <= 0 or out_channels <= 0:
             raise ValueError(f"in_channels and out_channels must be positive, got {in_channels}, {out_channels}")
         self.kernel_size = _pair(kernel_size, "kernel_size")
@@ -412,6 +423,9 @@ class TensorizedConv2d(_TensorizedLayer):
     def _check_input(self, x):
         if x.ndim != 4 or x.shape[1] != self.in_size:
             raise ValueError(f"input has shape {tuple(x.shape)}; expected (N, {self.in_size}, H, W)")
+        if min(self._out_hw(x)) <= 0:
+            raise ValueError(f"input has spatial size {tuple(x.shape[2:])}, too small for kernel_size "
+                             f"{self.kernel_size} with padding {self.padding} and dilation {self.dilation}")
 
     def _out_hw(self, x) -> tuple[int, int]:
         return tuple((x.shape[2 + i] + 2 * self.padding[i] - self.dilation[i] * (self.kernel_size[i] - 1) - 1)
