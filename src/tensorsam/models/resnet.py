@@ -113,7 +113,15 @@ class CifarResNet(nn.Module):
 
 def resnet(depth: int = 20, format: str | None = None, rank=None, num_classes: int = 10) -> CifarResNet:
     """CIFAR ResNet-``depth`` (20 or 32); ``format=None`` is dense, else every conv is tensorized
-    with ``rank`` (an int, or one rank per conv in network order: 6n+1 of them)."""
+    with ``rank`` (an int, or one rank per conv in network order: 6n+1 of them).
+
+    Example::
+
+        >>> model = resnet(32, "tr", rank=15)       # 202,272 parameters (SPEC §6)
+        >>> model(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+        >>> dense = resnet(20)                      # format=None: plain nn.Conv2d
+    """
     return CifarResNet(depth, format, rank, num_classes)
 
 

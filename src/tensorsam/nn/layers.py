@@ -325,6 +325,13 @@ class TensorizedLinear(_TensorizedLayer):
 
     ``shape`` is ``(in_modes, out_modes)`` or the flat tensor shape; by default a balanced
     factorisation (:func:`default_modes`).  ``rank`` follows the format's convention.
+
+    Example::
+
+        >>> layer = TensorizedLinear(1024, 512, format="tt", rank=8)   # shape (16, 8, 8, 8, 8, 8)
+        >>> layer(torch.randn(32, 1024)).shape
+        torch.Size([32, 512])
+        >>> small = TensorizedLinear.from_dense(nn.Linear(64, 32), "tucker", rank=8)
     """
 
     def __init__(self, in_features: int, out_features: int, format: str = "tr", rank=8, shape=None,
@@ -393,7 +400,17 @@ def _pair(v, name: str) -> tuple[int, int]:
 
 class TensorizedConv2d(_TensorizedLayer):
     """A 2-D convolution whose weight is stored factorized with shape
-    (in modes..., k_h*k_w, out modes...) (SPEC §6).  Zero padding, ``groups=1``."""
+    (in modes..., k_h*k_w, out modes...) (SPEC §6).  Zero padding, ``groups=1``.
+
+    Example::
+
+        >>> conv = TensorizedConv2d(32, 32, 3, format="tr", rank=15, shape=(4, 4, 2, 9, 4, 4, 2), padding=1)
+        >>> conv(torch.randn(8, 32, 16, 16)).shape
+        torch.Size([8, 32, 16, 16])
+        >>> conv.dense_weight().shape                                  # (C_out, C_in, k_h, k_w)
+        torch.Size([32, 32, 3, 3])
+        >>> cp = TensorizedConv2d.from_dense(nn.Conv2d(16, 16, 3, padding=1), "cp", rank=20)
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, format: str = "tr", rank=8,
                  shape=None, stride=1, padding=0, dilation=1, groups: int = 1, bias: bool = True,

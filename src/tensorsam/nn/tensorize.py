@@ -75,6 +75,13 @@ def tensorize(model: nn.Module, format: str, rank, decompose: bool = False, incl
     * ``shape``: optional mapping from layer name to its tensorized shape.
 
     Returns a :class:`TensorizeSummary` (parameters before and after, per-layer ratios).
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 30 * 30, 10))
+        >>> summary = tensorize(model, "tt", rank=4, exclude=["3"])    # keep the classifier dense
+        >>> print(summary)                                             # per-layer table, model ratio
+        >>> tensorize(trained, "tucker", rank=16, decompose=True)      # start from trained weights
     """
     fmt = get_format(format).format
     if isinstance(rank, Mapping):
