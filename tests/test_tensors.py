@@ -241,3 +241,13 @@ def test_matrix_tensor_round_trip():
     assert torch.equal(tensor_to_matrix(t, (4, 5), (2, 3)), w)
     with pytest.raises(ValueError, match="modes do not match"):
         matrix_to_tensor(w, (4, 4), (2, 3))
+
+
+def test_cp_from_dense_rank_above_a_mode_size():
+    """tensorly's SVD init fails when R exceeds a mode; from_dense falls back to a seeded random init."""
+    from tensorsam.tensors import CP
+
+    x = torch.randn(64, 10, dtype=torch.float64)
+    t = CP.from_dense(x, 20, n_iter_max=200)
+    assert t.rank == 20
+    assert torch.linalg.norm(t.reconstruct() - x) / torch.linalg.norm(x) < 1e-3

@@ -40,9 +40,13 @@ class CP(FactorizedTensor):
 
         tensorly's weights w_r are absorbed by multiplying column r of every factor by
         |w_r|^(1/N), and the first factor also by sign(w_r), so the tensor is unchanged.
+        tensorly's SVD initialisation needs R <= every mode size; above that, ``init='svd'``
+        falls back to ``'random'`` (seeded with ``random_state``, 0 if None).
         """
         tensor = check_dense(tensor)
         (r,) = validate_rank(rank, 1, form="the CP rank R")
+        if init == "svd" and r > min(tensor.shape):
+            init, random_state = "random", 0 if random_state is None else random_state
         with tensorly_pytorch():
             weights, factors = parafac(tensor, r, n_iter_max=n_iter_max, tol=tol, init=init,
                                        random_state=random_state, **kwargs)
