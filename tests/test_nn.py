@@ -251,6 +251,24 @@ def test_tensorize_summary_and_decompose():
     torch.testing.assert_close(net(x), before, rtol=1e-8, atol=1e-10)
 
 
+def test_tensorize_accepts_a_single_pattern_string():
+    model = nn.Sequential()
+    model.add_module("body", nn.Linear(8, 8))
+    model.add_module("fc", nn.Linear(8, 4))
+    s = tensorize(model, "tt", 2, exclude="fc")  # was read as the patterns 'f' and 'c'
+    assert [r.name for r in s.layers] == ["body"] and type(model.fc) is nn.Linear
+    s = tensorize(nn.Sequential(model), "tt", 2, include="*.fc")
+    assert [r.name for r in s.layers] == ["0.fc"]
+
+
+def test_auto_cache_distinguishes_kernel_shapes(monkeypatch):
+    """(3, 3) and (1, 9) kernels have the same k_h*k_w but different outputs and costs."""
+    monkeypatch.setattr(layers_mod, "_MODE_CACHE", {})
+    a = TensorizedConv2d(8, 8, (3, 3), format="tt", rank=2, padding=1)
+    b = TensorizedConv2d(8, 8, (1, 9), format="tt", rank=2, padding=1)
+    assert a._signature() != b._signature()
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="unknown tensor format 'foo'"):
         TensorizedLinear(8, 8, format="foo", rank=2)

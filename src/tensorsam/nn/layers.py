@@ -258,7 +258,7 @@ class _TensorizedLayer(nn.Module):
     def _signature(self) -> tuple:
         """What determines the cost of both modes, besides the input: layers that agree on it
         (e.g. the repeated blocks of a ResNet) share one cached choice."""
-        conv = getattr(self, "stride", None), getattr(self, "padding", None), getattr(self, "dilation", None)
+        conv = tuple(getattr(self, a, None) for a in ("kernel_size", "stride", "padding", "dilation"))
         return (type(self).__name__, self.format, tuple(self.weight_factors.core_shapes()), self.tensor_shape,
                 self.bias is not None, conv)
 

@@ -59,6 +59,8 @@ class TensorizeSummary:
 
 
 def _matches(name: str, patterns) -> bool:
+    if isinstance(patterns, str):  # one pattern, not a sequence of one-character patterns
+        patterns = (patterns,)
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
