@@ -206,12 +206,14 @@ def test_auto_still_times_close_conv(monkeypatch):
     assert layer.choose_mode(torch.empty(32, 256, 8, 8)) == "factorized" and calls == [1]
 
 
-@pytest.mark.parametrize("fmt", ["cp", "tucker", "tt", "tr"])
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_init_matches_kaiming_variance(fmt):
     torch.manual_seed(0)
     fan_in = 64 * 9
     vs = [TensorizedConv2d(64, 64, 3, format=fmt, rank=8).dense_weight().var().item() for _ in range(6)]
     assert sum(vs) / len(vs) == pytest.approx(2.0 / fan_in, rel=0.25)
+    vs = [TensorizedLinear(256, 128, format=fmt, rank=8).dense_weight().var().item() for _ in range(6)]
+    assert sum(vs) / len(vs) == pytest.approx(2.0 / 256, rel=0.25)
 
 
 def test_default_modes_and_shapes():
