@@ -271,6 +271,23 @@ def test_auto_cache_distinguishes_kernel_shapes(monkeypatch):
     assert a._signature() != b._signature()
 
 
+@pytest.mark.parametrize("mode", ["factorized", "reconstructed", "auto"])
+def test_autocast_bfloat16(mode):
+    """Under CPU autocast every mode returns the autocast dtype (the factorized conv once failed
+    with 'both inputs should have same dtype')."""
+    torch.manual_seed(0)
+    conv = TensorizedConv2d(8, 8, 3, format="tr", rank=2, padding=1, forward_mode=mode)
+    lin = TensorizedLinear(16, 8, format="tt", rank=2, shape=((4, 4), (2, 4)), forward_mode=mode)
+    for layer, x in ((conv, torch.randn(2, 8, 5, 5)), (lin, torch.randn(3, 16))):
+        ref = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)
+        y.float().sum().backward()
+        assert all(p.grad.dtype == torch.float32 for p in layer.parameters())
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="unknown tensor format 'foo'"):
         TensorizedLinear(8, 8, format="foo", rank=2)

@@ -39,6 +39,12 @@ class Contraction:
     out_shape: tuple[int, ...] | None = None  # reshape of the result, done inside the contraction
 
     def __call__(self, *operands: torch.Tensor) -> torch.Tensor:
+        device = operands[0].device.type
+        if torch.is_autocast_enabled(device):
+            # tensordot is not an autocast op, and F.unfold's output may already be cast: follow
+            # autocast as F.linear/F.conv2d do, so that every mode returns the same dtype
+            dtype = torch.get_autocast_dtype(device)
+            operands = tuple(o.to(dtype) if o.dtype != torch.float64 else o for o in operands)
         out = self.expression(*operands, backend="torch")
         return out if self.out_shape is None else out.reshape(self.out_shape)
 

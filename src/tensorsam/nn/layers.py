@@ -367,7 +367,7 @@ class TensorizedLinear(_TensorizedLayer):
         lead = x.shape[:-1]
         xt = x.reshape(-1, *self.in_modes)
         y = self._input_contraction(x)(*self.weight_factors.cores, xt).reshape(*lead, self.out_size)
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + self.bias.to(y.dtype)  # y may be autocast
 
     def forward_reconstructed(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dense_weight(), self.bias)
@@ -477,7 +477,7 @@ class TensorizedConv2d(_TensorizedLayer):
         cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
         cols = cols.reshape(x.shape[0], *self.in_modes, self.kernel_numel, ho * wo)
         y = self._input_contraction(x)(*self.weight_factors.cores, cols).reshape(x.shape[0], self.out_size, ho, wo)
-        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+        return y if self.bias is None else y + self.bias.to(y.dtype).view(1, -1, 1, 1)
 
     def forward_reconstructed(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.dense_weight(), self.bias, self.stride, self.padding, self.dilation)
