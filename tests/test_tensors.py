@@ -206,6 +206,14 @@ def test_bad_input_raises_value_error(build, words):
         build()
 
 
+def test_numpy_integer_ranks_are_ints():
+    np = pytest.importorskip("numpy")
+    r = np.int64(3)
+    assert CP((4, 5), r).rank == 3 and TT((4, 5, 6), r).rank == (3, 3)
+    assert Tucker((2, 5), r).rank == (2, 3)  # an int rank is capped at the mode size
+    assert TR((4, 5), [np.int32(2), r]).rank == (2, 3)
+
+
 def test_dof_and_compression_ratio():
     cases = [
         (CP((4, 5, 6), 3), 3 * (4 + 5 + 6)),

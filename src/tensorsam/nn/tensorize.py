@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -88,7 +89,7 @@ def tensorize(model: nn.Module, format: str, rank, decompose: bool = False, incl
     fmt = get_format(format).format
     if isinstance(rank, Mapping):
         ranks = dict(rank)
-    elif isinstance(rank, int) and not isinstance(rank, bool):
+    elif isinstance(rank, numbers.Integral) and not isinstance(rank, bool):
         ranks = None
     else:
         raise ValueError(f"rank must be an int or a mapping from layer name to rank, got {rank!r}")  # noqa: TRY004

@@ -11,6 +11,7 @@ reusing the same subscripts.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import opt_einsum
@@ -62,8 +63,8 @@ def validate_rank(rank, length: int, name: str = "rank", form: str = "") -> tupl
     expected = f"an int or a sequence of {length} positive ints" + (f" ({form})" if form else "")
     if isinstance(rank, bool):
         raise ValueError(f"{name} must be {expected}, got {rank!r}")  # noqa: TRY004 (the contract: bad ranks are ValueErrors)
-    if isinstance(rank, int):
-        ranks = (rank,) * length
+    if isinstance(rank, numbers.Integral):  # numpy ints too
+        ranks = (int(rank),) * length
     else:
         try:
             ranks = tuple(int(r) for r in rank)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 from tensorly.decomposition import tucker
 from tensorly.tucker_tensor import TuckerTensor
@@ -14,7 +15,7 @@ def tucker_rank(shape: tuple[int, ...], rank) -> tuple[int, ...]:
     """Per-mode Tucker ranks: an int is capped at each mode size; an explicit rank larger
     than its mode raises a ``ValueError`` naming the mode."""
     ranks = validate_rank(rank, len(shape), form="the multilinear ranks R_1..R_N")
-    if isinstance(rank, int):
+    if isinstance(rank, numbers.Integral):
         return tuple(min(r, i) for r, i in zip(ranks, shape))
     for k, (r, i) in enumerate(zip(ranks, shape)):
         if r > i:
