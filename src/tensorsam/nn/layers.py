@@ -264,9 +264,11 @@ class _TensorizedLayer(nn.Module):
 
     def time_modes(self, x: torch.Tensor, grad: bool, repeats: int = AUTO_TIMING_REPEATS) -> dict[str, float]:
         """Fastest of ``repeats`` interleaved runs of each mode (forward, plus backward when
-        ``grad``), in seconds, after one warm-up run each; when one mode's warm-up already
-        takes over :data:`AUTO_CLEAR_WIN` times the other's, the warm-up times are returned.
+        ``grad``), in seconds, after one untimed warm-up run each; when one mode's first timed
+        run already takes over :data:`AUTO_CLEAR_WIN` times the other's, those are returned.
 
+        The warm-up is not timed because first calls pay one-time costs (allocator growth,
+        library set-up) that once made a 25x faster factorized linear lose on a cold process.
         Runs on a detached copy of ``x`` and takes gradients with ``torch.autograd.grad``, so
         no ``.grad`` is accumulated and the caller's graph is not touched.
         """
@@ -276,6 +278,7 @@ class _TensorizedLayer(nn.Module):
         sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
 
         def once(fn) -> float:
+            sync()
             t0 = time.perf_counter()
             with torch.set_grad_enabled(grad):
                 y = fn(x)
@@ -284,14 +287,16 @@ class _TensorizedLayer(nn.Module):
             sync()
             return time.perf_counter() - t0
 
-        times = {m: [once(fn)] for m, fn in fns.items()}  # first run: also warms up
+        for fn in fns.values():
+            once(fn)  # warm-up
+        times = {m: [once(fn)] for m, fn in fns.items()}
         first = sorted(t[0] for t in times.values())
         if first[1] > AUTO_CLEAR_WIN * first[0]:  # a clear win needs no repeats
             return {m: t[0] for m, t in times.items()}
-        for _ in range(repeats):
+        for _ in range(repeats - 1):
             for m, fn in fns.items():
                 times[m].append(once(fn))
-        return {m: min(t[1:]) for m, t in times.items()}
+        return {m: min(t) for m, t in times.items()}
 
     def _check_input(self, x: torch.Tensor) -> None:
         raise NotImplementedError
