@@ -176,6 +176,21 @@ def test_time_modes_ignores_first_call_costs(monkeypatch):
     assert min(times, key=times.get) == "factorized"
 
 
+@pytest.mark.parametrize("times, expected", [
+    ({"factorized": 1.00, "reconstructed": 0.95}, "factorized"),  # a tie: the estimate decides
+    ({"factorized": 1.00, "reconstructed": 0.50}, "reconstructed"),  # a clear timed win
+])
+def test_auto_timing_tie_keeps_estimate(monkeypatch, times, expected):
+    monkeypatch.setenv("TENSORSAM_AUTO_TIMING", "1")
+    monkeypatch.setattr(layers_mod, "_MODE_CACHE", {})
+    layer = TensorizedLinear(1024, 1024, format="cp", rank=64)
+    x = torch.empty(128, 1024)
+    est = layer.estimated_costs(x)
+    assert est["factorized"] < est["reconstructed"] / 10 and est["factorized"] > est["reconstructed"] / 16
+    monkeypatch.setattr(layer, "time_modes", lambda x, grad: times)
+    assert layer.choose_mode(x) == expected
+
+
 def test_auto_uses_estimate_without_timing(monkeypatch):
     monkeypatch.setenv("TENSORSAM_AUTO_TIMING", "0")
     monkeypatch.setattr(layers_mod, "AUTO_TIMING_MARGIN", float("inf"))

@@ -51,6 +51,9 @@ AUTO_TIMING_MARGIN = 16.0  # estimates further apart than this are trusted witho
 CONV_TIMING_MARGIN = 2.0
 AUTO_TIMING_REPEATS = 3
 AUTO_CLEAR_WIN = 2.0
+# timings closer than this are a tie (noise, or a cold allocator: on a fresh process the first
+# few calls of any mode can take 10-40x their steady time, hiding a 25x faster factorized linear)
+AUTO_TIE = 1.10
 # cost units per im2col element of the factorized conv: F.unfold forward plus its col2im
 # backward are memory-bound scatters, measured at a few hundred multiply-adds per element on CPU
 UNFOLD_WEIGHT = 256.0
@@ -250,7 +253,9 @@ class _TensorizedLayer(nn.Module):
         ratio = est["factorized"] / est["reconstructed"]
         if timing and 1.0 / AUTO_TIMING_MARGIN <= ratio <= self.timing_margin_above:
             times = self.time_modes(x, grad)
-            mode = min(times, key=times.get)
+            fast, slow = sorted(times, key=times.get)
+            if times[slow] > AUTO_TIE * times[fast]:  # a tie keeps the estimate's choice
+                mode = fast
         if timing:  # under compile/tracing the cache is left alone
             _MODE_CACHE[key] = mode
         return mode
