@@ -213,6 +213,18 @@ def markdown(rows: list[dict], goals: dict, info: str, repeats: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def warm_process(seconds: float = 3.0) -> None:
+    """Run dense layers of the benchmark's sizes for a few seconds before anything is timed: on a
+    fresh process (a VM on this box) the first calls of any layer take 10-40x their steady time
+    while the allocator's heap grows, which made the first rows and the goal conv meaningless."""
+    conv, lin = nn.Conv2d(64, 64, 3, padding=1), nn.Linear(1024, 1024)
+    xc, xl = torch.randn(128, 64, 16, 16, requires_grad=True), torch.randn(128, 1024, requires_grad=True)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        conv(xc).sum().backward()
+        lin(xl).sum().backward()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer formats and ranks")
@@ -228,6 +240,7 @@ def main(argv=None) -> int:
     console = Console()
     info = machine()
     console.print(f"[bold]tensorized layers[/bold]: {info}")
+    warm_process()
     rows = [] if args.skip_layers else bench_layers(args.quick, args.repeats, console)
     goals = None if args.skip_goals else bench_goals(args.quick, args.repeats, console)
     table = Table(title="forward+backward, median ms")
