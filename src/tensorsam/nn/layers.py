@@ -18,9 +18,11 @@ Forward modes (``forward_mode``):
   ``timing_margin_above`` times the reconstructed one; convolutions trust a factorized
   estimate above :data:`CONV_TIMING_MARGIN` at once), both modes are timed
   once (forward and, when gradients are on, backward via ``torch.autograd.grad`` on detached
-  inputs, so ``.grad`` and the graph are untouched); the choice is cached per layer
-  configuration (format, core shapes, conv settings) and input shape, so identical layers
-  are timed once.  Under ``torch.compile``/``torch.jit`` tracing, or with the environment
+  inputs, so ``.grad`` and the graph are untouched); timings within :data:`AUTO_TIE` of
+  each other keep the estimate's choice.  The choice is cached per layer configuration
+  (format, core shapes, conv settings), input shape, dtype, device and grad mode, so identical
+  layers are timed once (on every DDP rank alike: both modes use the same parameters, so
+  ranks may even differ in their choice).  Under ``torch.compile``/``torch.jit`` tracing, or with the environment
   variable ``TENSORSAM_AUTO_TIMING=0``, the estimate alone decides.
 """
 
