@@ -52,14 +52,7 @@ def our_loop(method, cfg, values, masks, seed):
     model = build_model(cfg, values.shape, cfg.rank, seed)
     obj = Objective(model, values, masks.train, cfg.loss, cfg.compile)
     opt = make_optimizer(method, obj.cores, cfg, FULL)
-    if method == "sam":
-        return lambda: opt.step(obj.closure)
-
-    def step():
-        obj.closure()
-        opt.step()
-
-    return step
+    return obj.step_fn(method, opt)
 
 
 def measure(makers: dict, iterations: int, rounds: int = 10) -> dict:

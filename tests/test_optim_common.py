@@ -362,16 +362,18 @@ def test_skip_nonfinite_does_not_skip_a_large_finite_gradient(foreach):
 
 
 def test_stacked_norms_match_per_tensor_norms_in_the_original_order():
-    """Buckets by shape and dtype (interleaved here), an empty tensor and a large one that goes
-    through ``_foreach_norm``: every norm lands at its tensor's position."""
-    from tensorsam.optim.base import STACK_MAX_NUMEL, StackedNorms
+    """A bucket by shape and dtype (interleaved here), shapes too rare to stack, an empty tensor
+    and a large one, which go through ``_foreach_norm``: every norm lands at its position."""
+    from tensorsam.optim.base import STACK_MAX_NUMEL, STACK_MIN_COUNT, StackedNorms
 
     g = torch.Generator().manual_seed(0)
-    shapes = [(3, 4), (2,), (3, 4), (), (0, 3), (STACK_MAX_NUMEL + 1,), (2,), (3, 4)]
-    ts = [torch.randn(s, generator=g, dtype=torch.float64 if i % 3 == 0 else torch.float32)
+    shapes = [(3, 4), (2,), (3, 4), (), (0, 3), (STACK_MAX_NUMEL + 1,), (2,), (3, 4), (3, 4), (3, 4)]
+    doubles = {1, 3, 9}
+    ts = [torch.randn(s, generator=g, dtype=torch.float64 if i in doubles else torch.float32)
           for i, s in enumerate(shapes)]
     stacked = StackedNorms(ts)
-    assert stacked.inverse is not None and len(stacked.rest) == 2
+    assert STACK_MIN_COUNT == 4 and stacked.buckets == [[0, 2, 7, 8]]
+    assert stacked.inverse is not None and len(stacked.rest) == 6
     want = torch.stack([torch.linalg.vector_norm(t.double()) for t in ts])
     got = stacked([2.0 * t for t in ts])             # same layout, new values
     torch.testing.assert_close(got, 2.0 * want, rtol=1e-6, atol=0)

@@ -57,8 +57,12 @@ def norms(tensors: Sequence[torch.Tensor], foreach: bool) -> torch.Tensor:
 
 
 # CPU tensors up to this size are normed by stacking equal-shaped ones (one reduction per shape);
-# per-tensor dispatch, not arithmetic, is what costs on the CPU for small cores
+# per-tensor dispatch, not arithmetic, is what costs on the CPU for small cores.  A shape shared
+# by fewer than STACK_MIN_COUNT tensors is not worth a stack + reduction of its own: such
+# tensors join the one ``_foreach_norm`` of the rest (4 Tucker cores and their gradients: 11
+# ops -> 2)
 STACK_MAX_NUMEL = 1 << 16
+STACK_MIN_COUNT = 4
 
 
 class StackedNorms:
@@ -79,6 +83,8 @@ class StackedNorms:
                 buckets.setdefault((tuple(t.shape), t.dtype), []).append(i)
             else:
                 self.rest.append(i)
+        for key in [k for k, b in buckets.items() if len(b) < STACK_MIN_COUNT]:
+            self.rest.extend(buckets.pop(key))
         self.buckets = list(buckets.values())
         self.dtypes = [acc_dtype(dtype) for _, dtype in buckets]
         order = [i for b in self.buckets for i in b] + self.rest
@@ -311,14 +317,9 @@ def check_strength(value, name: str = "alpha") -> float:
 check_alpha = check_strength
 
 
-def lr_alpha_per_core(param_groups: list[dict], group_index: Sequence[int], alpha_factor: float,
-                      like: torch.Tensor) -> torch.Tensor:
-    """1-D tensor eta_k * alpha_k(t) for each core, built on the device without host copies.
-
-    ``group_index[k]`` is the param group of core k; eta_k is its current (scheduled) ``lr``
-    and alpha_k its ``alpha`` times the schedule's factor ``alpha_factor``.  Runs of cores in
-    the same param group become one ``torch.full``.
-    """
+def per_core_values(param_groups: list[dict], group_index: Sequence[int], value, like: torch.Tensor) -> torch.Tensor:
+    """1-D tensor ``value(param_groups[group_index[k]])`` for each core k, built on ``like``'s
+    device and dtype without host copies (runs of cores in one param group: one ``torch.full``)."""
     parts, start = [], 0
     n = len(group_index)
     while start < n:
@@ -326,14 +327,73 @@ def lr_alpha_per_core(param_groups: list[dict], group_index: Sequence[int], alph
         end = start
         while end < n and group_index[end] == gi:
             end += 1
-        g = param_groups[gi]
-        value = g["lr"] * g["alpha"] * alpha_factor
-        if isinstance(value, torch.Tensor):
-            parts.append(value.to(like).reshape(1).expand(end - start))
+        v = value(param_groups[gi])
+        if isinstance(v, torch.Tensor):
+            parts.append(v.to(like).reshape(1).expand(end - start))
         else:
-            parts.append(torch.full((end - start,), value, dtype=like.dtype, device=like.device))
+            parts.append(torch.full((end - start,), v, dtype=like.dtype, device=like.device))
         start = end
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def lr_alpha_per_core(param_groups: list[dict], group_index: Sequence[int], alpha_factor: float,
+                      like: torch.Tensor) -> torch.Tensor:
+    """1-D tensor eta_k * alpha_k(t) for each core (:func:`per_core_values`): eta_k is the current
+    (scheduled) ``lr`` of core k's param group, alpha_k its ``alpha`` times the schedule's factor."""
+    return per_core_values(param_groups, group_index, lambda g: g["lr"] * g["alpha"] * alpha_factor, like)
+
+
+def single_bucket(tensors: Sequence[torch.Tensor]) -> bool:
+    """True when every tensor shares the first one's device and dtype (what the compiled fast
+    paths of DAS and SAM handle; anything else takes the eager path)."""
+    return bool(tensors) and all(t.device == tensors[0].device and t.dtype == tensors[0].dtype
+                                 for t in tensors)
+
+
+class MaybeCompiled:
+    """``fn`` through ``torch.compile`` (``fullgraph``, static shapes), falling back to eager
+    ``fn`` for good, with a warning, if compilation fails.
+
+    ``fn`` must take tensors (and python constants that do not change between steps) only, so
+    that changing step counts or learning rates cause no recompilation.  One instance per
+    function is shared by every optimizer, so a new optimizer over same-shaped tensors reuses
+    the compiled code.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.compiled = None
+        self.failed = False
+
+    def __call__(self, *args):
+        if self.failed:
+            return self.fn(*args)
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, fullgraph=True, dynamic=False)
+        try:
+            return self.compiled(*args)
+        except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
+            import warnings
+
+            warnings.warn(f"torch.compile of {self.fn.__name__} failed ({type(err).__name__}: {err}); "
+                          "using the eager path", stacklevel=2)
+            self.failed = True
+            return self.fn(*args)
+
+
+def acc_like(cache: dict, t: torch.Tensor) -> torch.Tensor:
+    """A 0-dim tensor on ``t``'s device in ``t``'s accumulation dtype (:func:`acc_dtype`), cached
+    in ``cache``: the ``like`` of :func:`per_core_values` for the compiled fast paths."""
+    key = (t.device, t.dtype)
+    if key not in cache:
+        cache[key] = torch.empty((), dtype=acc_dtype(t.dtype) or t.dtype, device=t.device)
+    return cache[key]
+
+
+def check_compile(compile) -> bool:
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be a bool, got {compile!r}")  # noqa: TRY004
+    return compile
 
 
 class GroupPlan:

@@ -7,7 +7,17 @@ import contextlib
 import torch
 from torch import nn
 
-from tensorsam.optim.base import WrappedOptimizer, check_strength, norms
+from tensorsam.optim.base import (
+    MaybeCompiled,
+    WrappedOptimizer,
+    acc_dtype,
+    acc_like,
+    check_compile,
+    check_strength,
+    norms,
+    per_core_values,
+    single_bucket,
+)
 
 
 @contextlib.contextmanager
@@ -47,6 +57,37 @@ def sam_scale(total_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     inv = torch.where(ok, 1.0 / torch.where(ok, total_norm, torch.ones_like(total_norm)),
                       torch.zeros_like(total_norm))
     return inv, finite
+
+
+def nan_if_not(finite: torch.Tensor) -> torch.Tensor:
+    """0 if ``finite`` else NaN: added to a gradient it marks the step non-finite (see :meth:`SAM.restore`)."""
+    return torch.where(finite, torch.zeros((), device=finite.device), torch.full((), float("nan"), device=finite.device))
+
+
+def sam_e(grads: list[torch.Tensor], rho: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Algorithm 1, step 2 on tensors only: e_i = rho_i * g_i / ||g|| (global norm, :func:`sam_scale`;
+    e = 0 if a gradient is non-finite), ``rho`` holding each tensor's rho.  Returns (e, whether
+    the gradient was finite)."""
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=acc_dtype(g.dtype))
+                                                  for g in grads]))
+    inv, finite = sam_scale(total)
+    e = [torch.where(finite, g * r, torch.zeros((), dtype=g.dtype, device=g.device))
+         for g, r in zip(grads, (inv * rho).unbind())]
+    return e, finite
+
+
+def sam_perturb_(ps: list[torch.Tensor], grads: list[torch.Tensor], saved: list[torch.Tensor],
+                 rho: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``saved`` <- w, then w <- w + e (:func:`sam_e`); returns (first-pass gradient finite,
+    :func:`nan_if_not` of it).  Compiled as one function by ``SAM(compile=True)``."""
+    e, finite = sam_e(grads, rho)
+    for p, w, ek in zip(ps, saved, e):
+        w.copy_(p)
+        p.add_(ek)
+    return finite, nan_if_not(finite)
+
+
+_sam_perturb_compiled = MaybeCompiled(sam_perturb_)
 
 
 class SAM(WrappedOptimizer):
@@ -121,19 +162,27 @@ class SAM(WrappedOptimizer):
         opt.first_step(zero_grad=True)
         loss_fn(model(x), y).backward()       # all-reduced
         opt.second_step(zero_grad=True)
+
+    ``compile=True`` runs ``first_step`` for non-adaptive groups on one device and dtype as one
+    ``torch.compile``'d function (:func:`sam_perturb_`), which saves ~20 small ops per step on
+    small models, at the cost of seconds of compilation once per process.
     """
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False,
-                 foreach: bool | None = None, skip_nonfinite: bool = False, **kwargs):
+                 foreach: bool | None = None, skip_nonfinite: bool = False, compile: bool = False,
+                 **kwargs):
         if not isinstance(adaptive, bool):
             raise ValueError(f"adaptive must be a bool, got {adaptive!r}")  # noqa: TRY004
         super().__init__(params, base_optimizer, {"rho": check_strength(rho, "rho"), "adaptive": adaptive},
                          foreach=foreach, skip_nonfinite=skip_nonfinite, **kwargs)
+        self.compile = check_compile(compile)
         # idle -> perturbed (first_step) -> restored (restore) -> idle (second_step); a step
         # that a GradScaler skipped stays "restored", which is safe: the weights are w
         self._phase = "idle"
         self._saved: dict = {}    # parameter -> buffer holding w during the perturbed pass
         self._first_finite: torch.Tensor | None = None
+        self._poison: torch.Tensor | None = None
+        self._like: dict = {}
         self._perturbed: list[torch.Tensor] = []
 
     # -- Algorithm 1 ----------------------------------------------------------------------------
@@ -147,6 +196,17 @@ class SAM(WrappedOptimizer):
         groups = [(g, ps) for g, ps in groups if ps]
         if not groups:
             raise RuntimeError("SAM.first_step() found no gradients; run backward first")
+        if self.compile and not any(g["adaptive"] for g, _ in groups):
+            ps = [p for _, grp in groups for p in grp]
+            grads = [p.grad for p in ps]
+            if single_bucket(ps + grads):
+                self._perturbed = ps
+                saved = self._saved_buffers(ps)
+                self._first_finite, self._poison = _sam_perturb_compiled(ps, grads, saved, self.rho_per_param(ps))
+                self._phase = "perturbed"
+                if zero_grad:
+                    self.zero_grad()
+                return
         per = []
         for g, ps in groups:
             grads = [p.grad for p in ps]
@@ -164,14 +224,11 @@ class SAM(WrappedOptimizer):
             bad = ~finite
             for t in e:       # non-finite first-pass gradient: no perturbation at all
                 t.masked_fill_(bad if t.device == bad.device else bad.to(t.device), 0.0)
-            saved = [self._saved.get(p) for p in ps]
-            for i, p in enumerate(ps):
-                if saved[i] is None:
-                    saved[i] = self._saved[p] = torch.empty_like(p)
+            saved = self._saved_buffers(ps)
             self._each("copy_", saved, ps)
             self._each("add_", ps, e)
             self._perturbed.extend(ps)
-        self._first_finite = finite
+        self._first_finite, self._poison = finite, None
         self._phase = "perturbed"
         if zero_grad:
             self.zero_grad()
@@ -188,8 +245,7 @@ class SAM(WrappedOptimizer):
             return
         ps = self._perturbed
         self._each("copy_", ps, [self._saved[p] for p in ps])
-        fin = self._first_finite
-        poison = torch.where(fin, torch.zeros((), device=fin.device), torch.full((), float("nan"), device=fin.device))
+        poison = nan_if_not(self._first_finite) if self._poison is None else self._poison
         first_on_device = {}
         for p in self._params_with_grad():   # one gradient per device is enough for any inf check
             first_on_device.setdefault(p.grad.device, p.grad)
@@ -210,6 +266,36 @@ class SAM(WrappedOptimizer):
             self._step += 1
         if zero_grad:
             self.zero_grad()
+
+    def rho_per_param(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """1-D tensor of each of ``params``' rho (from its param group), in the accumulation dtype
+        of the first (:func:`acc_like`): the ``rho`` of :func:`sam_e`.  A ``ValueError`` for a
+        parameter in an adaptive (ASAM) group, which :func:`sam_e` does not cover."""
+        where = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        index = [where[id(p)] for p in params]
+        if any(self.param_groups[i]["adaptive"] for i in index):
+            raise ValueError("rho_per_param: sam_e covers SAM, not ASAM (adaptive=True)")
+        return per_core_values(self.param_groups, index, lambda g: g["rho"], acc_like(self._like, params[0]))
+
+    @torch.no_grad()
+    def base_step(self) -> None:
+        """The base step with the gradients in ``.grad``, which the caller computed at w + e itself
+        (e.g. both passes in one compiled function with :func:`sam_e` and :meth:`rho_per_param`,
+        the weights never leaving w); honours ``skip_nonfinite`` and counts the step."""
+        if self._phase != "idle":
+            raise RuntimeError("SAM.base_step() called between first_step() and second_step()")
+        self._mark_stepped()
+        if not self._skip_this_step():
+            self.base_optimizer.step()
+            self._step += 1
+
+    def _saved_buffers(self, ps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The buffers that hold w during the perturbed pass (allocated on first use)."""
+        saved = [self._saved.get(p) for p in ps]
+        for i, p in enumerate(ps):
+            if saved[i] is None:
+                saved[i] = self._saved[p] = torch.empty_like(p)
+        return saved
 
     def step(self, closure=None):
         """With a closure (zero_grad + forward + backward, returning the loss): a full SAM step,

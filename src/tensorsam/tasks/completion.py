@@ -218,12 +218,51 @@ def train_loss_fn(plan):
     return train_loss
 
 
+def gradient_fns(loss_fn) -> dict:
+    """Pure-tensor gradient functions of ``loss_fn`` for :class:`Objective` (each compiled whole):
+
+    - ``'plain'``: ``(cores, idx, y, scale) -> (grads, loss)``;
+    - ``'das'``: the same, then DAS's scaling of the cores in place (:func:`das_scale_`, Eq. 9),
+      with the extra arguments of :meth:`DAS.scaling_args`; the base step follows with ``grads``;
+    - ``'sam'``: ``(..., rho) -> (grads at w + e, loss at w)``, e from :func:`sam_e` (Algorithm 1);
+      the weights stay at w.  A non-finite first-pass gradient gives e = 0 and NaN in the
+      returned gradient, as :meth:`SAM.restore` does, so ``skip_nonfinite`` skips the step.
+
+    Gradients are made contiguous: einsum's backward can return transposed strides, and torch
+    2.13's fused CPU Adam then pairs gradient and parameter entries wrongly (silently).
+    """
+    from tensorsam.optim.das import das_scale_
+    from tensorsam.optim.sam import nan_if_not, sam_e
+
+    grad_and_value = torch.func.grad_and_value(loss_fn)
+
+    def plain(cores, idx, y, scale):
+        grads, loss = grad_and_value(cores, idx, y, scale)
+        return tuple(g.contiguous() for g in grads), loss
+
+    def das(cores, idx, y, scale, eta_alpha, seg, counts, normalization, divisor):
+        grads, loss = plain(cores, idx, y, scale)
+        das_scale_(list(cores), list(grads), eta_alpha, seg, counts, normalization, divisor)
+        return grads, loss
+
+    def sam(cores, idx, y, scale, rho):
+        grads, loss = plain(cores, idx, y, scale)
+        e, finite = sam_e(list(grads), rho)
+        grads, _ = plain(tuple(c + ek for c, ek in zip(cores, e)), idx, y, scale)
+        return (grads[0] + nan_if_not(finite), *grads[1:]), loss
+
+    return {"plain": plain, "das": das, "sam": sam}
+
+
 class Objective:
     """The training loss on gathered entries, and a closure that puts its gradient in ``.grad``.
 
     ``idx`` are the flat indices of the training entries, gathered once.  With ``compile=True``
     the gradient (``torch.func.grad_and_value``) is compiled with ``torch.compile``; if that
-    fails, eager autograd is used and a warning says so.
+    fails, eager autograd is used and a warning says so.  :meth:`step_fn` gives one whole
+    training iteration; compiled, DAS's scaling and SAM's two passes run inside the one
+    compiled gradient function (:func:`gradient_fns`), which saves the optimizer wrappers' many
+    small per-step ops on this 4-core problem.
     """
 
     _compiled_cache: typing.ClassVar[dict] = {}
@@ -241,29 +280,27 @@ class Objective:
         self.loss_fn = train_loss_fn(self.plan)
         self.compiled = False
         self._grad = None
+        self._key = (model.einsum_equation(), tuple(model.core_shapes()), dtype)
         if compile:
-            key = (model.einsum_equation(), tuple(model.core_shapes()), dtype)
-            fn = self._compiled_cache.get(key)
-            if fn is None:
-                grad_and_value = torch.func.grad_and_value(self.loss_fn)
-
-                def contiguous_grads(cores, idx, y, scale):
-                    grads, loss = grad_and_value(cores, idx, y, scale)
-                    return tuple(g.contiguous() for g in grads), loss  # see closure()
-
-                fn = torch.compile(contiguous_grads)
             torch._dynamo.mark_dynamic(self.idx, 0)  # one graph for every mask size
             torch._dynamo.mark_dynamic(self.y, 0)
+            fn = self._compiled("plain")
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     fn(tuple(c.detach() for c in self.cores), self.idx, self.y, self.scale)
                 self._grad = fn
                 self.compiled = True
-                self._compiled_cache[key] = fn
             except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
                 warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); using eager autograd",
                               stacklevel=2)
+
+    def _compiled(self, kind: str):
+        """The compiled ``gradient_fns(...)[kind]`` for this model's shapes (cached per process)."""
+        key = (*self._key, kind)
+        if key not in self._compiled_cache:
+            self._compiled_cache[key] = torch.compile(gradient_fns(self.loss_fn)[kind])
+        return self._compiled_cache[key]
 
     def loss_and_grads(self, cores):
         """(loss, gradients) of the training loss at ``cores`` (detached tensors)."""
@@ -279,11 +316,63 @@ class Objective:
     def closure(self):
         """Compute the gradient at the current cores into ``.grad``; returns the loss."""
         loss, grads = self.loss_and_grads([c.detach() for c in self.cores])
-        for p, g in zip(self.cores, grads):
-            # einsum's backward can return transposed strides; torch 2.13's fused CPU Adam then
-            # pairs gradient and parameter entries wrongly (silently), so make them contiguous
-            p.grad = g.contiguous()
+        self._set_grads(grads)
         return loss
+
+    def _set_grads(self, grads) -> None:
+        for p, g in zip(self.cores, grads):
+            p.grad = g.contiguous()   # see gradient_fns
+
+    def step_fn(self, method: str, opt):
+        """A callable doing one training iteration of ``method`` with ``opt`` (from
+        :func:`make_optimizer`) and returning the loss at the current point (a tensor, not read).
+
+        Compiled, DAS and SAM use the fused gradient functions of :func:`gradient_fns` (the
+        base step still runs through ``opt``); if their compilation fails, a warning is given and
+        the eager wrappers take over.  No step reads a device value.
+        """
+        def eager():
+            if method == "sam":
+                return opt.step(self.closure)
+            loss = self.closure()
+            opt.step()
+            return loss
+
+        if not self.compiled or method not in ("das", "sam"):
+            return eager
+        cores = tuple(c.detach() for c in self.cores)
+        fn = self._compiled(method)
+
+        def fused():
+            if method == "das":
+                grads, loss = fn(cores, self.idx, self.y, self.scale, *opt.scaling_args())
+            else:
+                grads, loss = fn(cores, self.idx, self.y, self.scale, opt.rho_per_param(self.cores))
+            self._set_grads(grads)
+            if method == "das":
+                opt.step(prescaled=True)
+            else:
+                opt.base_step()
+            return loss
+
+        state = {"step": None}
+
+        def step():
+            if state["step"] is not None:
+                return state["step"]()
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    loss = fused()
+                state["step"] = fused
+            except Exception as err:  # noqa: BLE001 - compiler failures happen before any update
+                warnings.warn(f"torch.compile of the fused {method} step failed ({type(err).__name__}: {err}); "
+                              "using the eager optimizer wrapper", stacklevel=2)
+                state["step"] = eager
+                loss = eager()
+            return loss
+
+        return step
 
     @torch.no_grad()
     def predict(self) -> torch.Tensor:
@@ -308,12 +397,12 @@ def make_optimizer(method: str, cores, cfg: CompletionConfig, total_steps: int):
     if method == "sam":
         from tensorsam.optim import SAM
 
-        return SAM(cores, base, rho=cfg.rho, **kwargs)
+        return SAM(cores, base, rho=cfg.rho, compile=cfg.compile, **kwargs)
     if method == "das":
         from tensorsam.optim import DAS
 
         return DAS(cores, base, groups=[cores], alpha=cfg.alpha, alpha_schedule=cfg.alpha_schedule,
-                   total_steps=total_steps, **kwargs)
+                   total_steps=total_steps, compile=cfg.compile, **kwargs)
     if method == "rebalance":
         from tensorsam.optim import Rebalance
 
@@ -369,15 +458,10 @@ def train_run(method: str, cfg: CompletionConfig, values, masks, seed: int, rank
     if not loop.resumed:
         loop.extra = {"trace": [], "wall": 0.0, "best_val": -math.inf, "best_it": 0, "stale": 0}
     ex = loop.extra
-    step = obj.closure
-    needs_closure = method == "sam"
+    step = obj.step_fn(method, opt)
     t0 = time.perf_counter()
     for it in loop:
-        if needs_closure:
-            loss = opt.step(step)
-        else:
-            loss = step()
-            opt.step()
+        loss = step()
         done = it + 1
         if done % cfg.log_every == 0 or done == cfg.iterations:
             dyn = tracker.compute()
