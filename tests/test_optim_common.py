@@ -5,6 +5,7 @@ The toy problem (``toy``) is imported by the other optimizer test files."""
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -36,18 +37,19 @@ def toy(dtype=torch.float64, seed=0, n=16):
     return [A, B, C, D, E, bias], [[A, B, C], [D, E]], loss_fn
 
 
-def make(kind, params, groups, base=torch.optim.SGD, foreach=None, **base_kw):
-    """One wrapper of each kind over ``base`` (kwargs default to SGD lr 0.05 momentum 0.9)."""
+def make(kind, params, groups, base=torch.optim.SGD, foreach=None, compile=False, **base_kw):
+    """One wrapper of each kind over ``base`` (kwargs default to SGD lr 0.05 momentum 0.9);
+    ``compile`` goes to SAM and DAS."""
     base_kw = base_kw or ({"lr": 0.05, "momentum": 0.9} if base is torch.optim.SGD else {"lr": 0.01})
     if kind == "sam":
-        return SAM(params, base, rho=0.05, foreach=foreach, **base_kw)
+        return SAM(params, base, rho=0.05, foreach=foreach, compile=compile, **base_kw)
     if kind == "asam":
         return SAM(params, base, rho=0.5, adaptive=True, foreach=foreach, **base_kw)
     if kind.startswith("das"):
         norm = {"das": "global", "das_group": "group", "das_authors": None}[kind]
         variant = "authors" if kind == "das_authors" else "paper"
         return DAS(params, base, groups=groups, alpha=0.5, normalization=norm, variant=variant,
-                   alpha_schedule="cosine", total_steps=10, foreach=foreach, **base_kw)
+                   alpha_schedule="cosine", total_steps=10, foreach=foreach, compile=compile, **base_kw)
     if kind in ("nbar", "obar"):
         return BAR(params, base, pairs=[groups[1]], mode=kind[0], alpha=0.5, total_steps=10,
                    foreach=foreach, **base_kw)
@@ -359,6 +361,29 @@ def test_skip_nonfinite_does_not_skip_a_large_finite_gradient(foreach):
     opt.step()
     assert opt.skipped_steps == 0 and opt._step == 1
     assert torch.isfinite(params[3]).all() and not torch.equal(before, params[3])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sam", "das_authors"])
+def test_compiled_fast_path_matches_the_eager_path(kind):
+    """compile=True (one torch.compile'd function per step; das_authors: per-group u, ||G||
+    divisor, two groups) takes the same steps as the eager path, cosine schedule included."""
+    got = []
+    for compile in (False, True):
+        params, groups, loss_fn = toy()
+        opt = make(kind, params, groups, compile=compile)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)   # a compiler fallback warns
+            train(opt, loss_fn, 4)
+        got.append([p.detach().clone() for p in params])
+    for eager, compiled in zip(*got):
+        torch.testing.assert_close(compiled, eager, rtol=1e-10, atol=1e-12)
+
+
+def test_compile_must_be_a_bool():
+    params, groups, _ = toy()
+    with pytest.raises(ValueError, match="compile must be a bool"):
+        DAS(params, torch.optim.SGD, groups=groups, alpha=0.1, compile="yes", lr=0.1)
 
 
 def test_stacked_norms_match_per_tensor_norms_in_the_original_order():

@@ -116,7 +116,13 @@ def scale_(tensors: Sequence[torch.Tensor], factors: Sequence[torch.Tensor], for
 
 
 def segment_sum(values: torch.Tensor, seg: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """Per-group sums of per-core ``values`` (``seg[k]`` is the group of core k)."""
+    """Per-group sums of per-core ``values`` (``seg[k]`` is the group of core k).
+
+    Inside ``torch.compile`` the sum is a one-hot product instead: torch 2.13's inductor CPU
+    codegen fails an internal assertion on the scatter-add of ``index_add_`` for some sizes."""
+    if torch.compiler.is_compiling():
+        groups = torch.arange(n_groups, device=seg.device)
+        return ((groups.unsqueeze(1) == seg.unsqueeze(0)).to(values.dtype) * values).sum(1)
     return torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(0, seg, values)
 
 
