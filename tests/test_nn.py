@@ -96,24 +96,53 @@ def test_gradcheck(fmt, mode):
         assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5, fast_mode=True)
 
 
-@pytest.mark.parametrize("mode", ["factorized", "reconstructed"])
-def test_double_backward_and_torch_func_with_threads(mode):
-    """Second derivatives and torch.func transforms work with several intra-op threads (a
-    custom single-threaded autograd.Function once gave silently wrong double backward here)."""
-    threads = torch.get_num_threads()
+@pytest.fixture
+def two_threads():
+    n = torch.get_num_threads()
     torch.set_num_threads(2)
-    try:
-        torch.manual_seed(0)
-        layer = TensorizedLinear(6, 4, format="tr", rank=2, shape=((3, 2), (2, 2)), forward_mode=mode, dtype=F64)
-        x = torch.randn(3, 6, dtype=F64, requires_grad=True)
-        assert torch.autograd.gradgradcheck(lambda x: layer(x), (x,))
-        params = {n: p.detach() for n, p in layer.named_parameters()}
-        grads = torch.func.grad(lambda p: torch.func.functional_call(layer, p, (x.detach(),)).square().sum())(params)
-        layer(x.detach()).square().sum().backward()
-        for n, p in layer.named_parameters():
-            torch.testing.assert_close(grads[n], p.grad, rtol=1e-10, atol=1e-12)
-    finally:
-        torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_small_contraction_single_threaded_same_gradients(two_threads, monkeypatch):
+    """Small CPU contractions run on one thread (forward and backward) and give plain autograd's
+    gradients, also over a repeated backward; the thread count is restored, on errors too."""
+    torch.manual_seed(0)
+    layer = TensorizedConv2d(8, 8, 3, format="tr", rank=3, padding=1, forward_mode="reconstructed", dtype=F64)
+    x = torch.randn(2, 8, 5, 5, dtype=F64)
+    seen = []
+    set_threads = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: seen.append(n) or set_threads(n))
+    loss = layer(x).square().sum()
+    loss.backward(retain_graph=True)
+    assert 1 in seen and torch.get_num_threads() == 2
+    grads = [p.grad.clone() for p in layer.cores]
+    layer.zero_grad()
+    loss.backward()  # the inner graph is kept for a repeated backward
+    plain = torch.func.functional_call(layer, dict(layer.named_parameters()), (x,))  # no single thread
+    ref = torch.autograd.grad(plain.square().sum(), list(layer.cores))
+    for a, b, c in zip(grads, (p.grad for p in layer.cores), ref):
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(b, c, rtol=1e-10, atol=1e-12)
+    bad = [torch.zeros(3, 3, dtype=F64) for _ in layer.cores]
+    with pytest.raises((IndexError, RuntimeError)):  # raised inside the single-threaded region
+        layer._weight_contraction()(*bad)
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("mode", ["factorized", "reconstructed"])
+def test_double_backward_and_torch_func_with_threads(two_threads, mode):
+    """Second derivatives and torch.func transforms work through the single-threaded small
+    contractions (its first version gave a silently wrong double backward and broke torch.func)."""
+    torch.manual_seed(0)
+    layer = TensorizedLinear(6, 4, format="tr", rank=2, shape=((3, 2), (2, 2)), forward_mode=mode, dtype=F64)
+    x = torch.randn(3, 6, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x: layer(x), (x,))
+    params = {n: p.detach() for n, p in layer.named_parameters()}
+    grads = torch.func.grad(lambda p: torch.func.functional_call(layer, p, (x.detach(),)).square().sum())(params)
+    layer(x.detach()).square().sum().backward()
+    for n, p in layer.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -8,6 +8,7 @@ is cached by operand shapes, so the per-call cost is the pairwise contractions o
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,6 +17,11 @@ import torch
 
 # relative cost of moving one element vs one multiply-add, used by the FLOP+memory estimate
 MEMORY_WEIGHT = 4.0
+# contractions cheaper than this run on one thread on CPU: each pairwise step is a tiny GEMM whose
+# parallel region costs more than it saves, and far more when the cores are oversubscribed (a TR
+# 32->32 conv, whose weight is such a contraction, measured 2.7-3.3x a dense conv with a busy
+# process beside it when multi-threaded, 1.0-1.3x single-threaded)
+SINGLE_THREAD_MAX_FLOPS = 5e7
 
 
 def equation(operand_labels: Sequence[Sequence[int]], out_labels: Sequence[int]) -> str:
@@ -29,8 +35,10 @@ def equation(operand_labels: Sequence[Sequence[int]], out_labels: Sequence[int])
 class Contraction:
     """A compiled opt_einsum expression plus its cost estimate (for ``forward_mode='auto'``).
 
-    Calling it runs plain torch ops (``tensordot``/``bmm``), so autograd, double backward,
-    ``torch.func`` transforms and every device work as for any torch code.
+    Calling it runs the pairwise ``tensordot``/``bmm`` steps; on CPU, a contraction below
+    :data:`SINGLE_THREAD_MAX_FLOPS` runs them (forward and backward) on one thread.  Results,
+    double backward and ``torch.func`` transforms are those of plain torch ops (the latter run
+    the plain ops); on other devices it is always the plain ops.
     """
 
     expression: opt_einsum.contract.ContractExpression
@@ -45,6 +53,15 @@ class Contraction:
             # autocast as F.linear/F.conv2d do, so that every mode returns the same dtype
             dtype = torch.get_autocast_dtype(device)
             operands = tuple(o.to(dtype) if o.dtype != torch.float64 else o for o in operands)
+        if (device != "cpu" or self.flops > SINGLE_THREAD_MAX_FLOPS or torch.get_num_threads() == 1
+                or torch._C._functorch.peek_interpreter_stack() is not None):  # torch.func: plain ops
+            return self.run(*operands)
+        if not (torch.is_grad_enabled() and any(o.requires_grad for o in operands)):
+            with single_thread():
+                return self.run(*operands)
+        return _SingleThreaded.apply(self.run, *operands)
+
+    def run(self, *operands: torch.Tensor) -> torch.Tensor:
         out = self.expression(*operands, backend="torch")
         return out if self.out_shape is None else out.reshape(self.out_shape)
 
@@ -74,3 +91,46 @@ def compile_contraction(operand_labels: Sequence[Sequence[int]], operand_shapes:
         memory += n
     expr = opt_einsum.contract_expression(eq, *shapes, optimize=path)
     return Contraction(expr, float(info.opt_cost), memory, None if out_shape is None else tuple(out_shape))
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run the enclosed ops on one intra-op thread (restored on exit, exceptions included)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+class _SingleThreaded(torch.autograd.Function):
+    """A small CPU contraction whose forward *and* first backward run on one thread.
+
+    The forward records the pairwise steps in an inner graph on detached leaves, and the
+    backward differentiates that graph (``retain_graph``, so a repeated outer backward works).
+    A backward that must itself be differentiable (``create_graph=True``) recomputes the
+    contraction on the saved original operands instead, so second derivatives flow to them.
+    """
+
+    @staticmethod
+    def forward(ctx, run, *operands):
+        with torch.enable_grad(), single_thread():
+            leaves = [o.detach().requires_grad_(o.requires_grad) for o in operands]
+            out = run(*leaves)
+        ctx.run, ctx.inner = run, (out, leaves)
+        ctx.save_for_backward(*operands)
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph: differentiate through the original operands
+            operands = ctx.saved_tensors
+            need = [o for o in operands if o.requires_grad]
+            grads = iter(torch.autograd.grad(ctx.run(*operands), need, grad, create_graph=True))
+            return (None, *(next(grads) if o.requires_grad else None for o in operands))
+        out, leaves = ctx.inner
+        need = [x for x in leaves if x.requires_grad]
+        with single_thread():
+            grads = iter(torch.autograd.grad(out, need, grad, retain_graph=True))
+        return (None, *(next(grads) if x.requires_grad else None for x in leaves))
