@@ -332,3 +332,39 @@ def test_tracker_q_falls_under_sam(tmp_path):
     drift_sgd = abs(q_sgd[-1] - q_sgd[0])
     assert q_sam[-1] < q_sam[0] - 10 * drift_sgd
     assert q_sam[-1] < 0.99 * q_sam[0]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_tracker_state_dict_resumes_without_duplicate_rows(tmp_path, fmt):
+    """A tracker restored from a checkpoint drops the rows a killed run wrote after it."""
+    import io
+
+    from tensorsam.dynamics import NormTracker, read_history
+
+    torch.manual_seed(0)
+    cores = [torch.randn(3, 4, requires_grad=True), torch.randn(4, 5, requires_grad=True)]
+    path = tmp_path / f"norms.{fmt}"
+
+    def grads():
+        for c in cores:
+            c.grad = torch.randn_like(c)
+
+    tracker = NormTracker(cores, path=path)
+    for _ in range(3):
+        grads()
+        tracker.step()
+    buf = io.BytesIO()
+    torch.save(tracker.state_dict(), buf)
+    for _ in range(2):  # recorded, then "killed" before the next checkpoint
+        grads()
+        tracker.step()
+    assert len(read_history(path)) == 5
+
+    resumed = NormTracker(cores, path=path, append=True)
+    buf.seek(0)
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    assert [r["step"] for r in read_history(path)] == [0, 1, 2]
+    grads()
+    resumed.step()
+    assert [r["step"] for r in read_history(path)] == [0, 1, 2, 3]
+    assert [r["step"] for r in resumed.history] == [0, 1, 2, 3]

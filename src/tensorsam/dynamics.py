@@ -342,6 +342,26 @@ class NormTracker:
                     self._tb.add_scalar(f"{key}/{r['group']}", r[key], r["step"])
             self._tb.add_scalar("u", rows[0]["u"], rows[0]["step"])
 
+    def state_dict(self) -> dict:
+        """The step counter and recorded rows (plain Python, so ``torch.load(weights_only=True)``
+        reads it back); lets :class:`tensorsam.runner.Loop` checkpoint a tracker."""
+        return {"t": self._t, "history": [dict(r) for r in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` and rewrite ``path`` from it, atomically, so rows recorded
+        after that checkpoint by a run that was then killed are dropped, not duplicated."""
+        self._t = int(state["t"])
+        self.history = [dict(r) for r in state["history"]]
+        if self.path is not None:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with tmp.open("w", newline="") as fh:
+                if self.fmt == "csv":
+                    fh.write(",".join(FIELDS) + "\n")
+                    csv.DictWriter(fh, FIELDS).writerows(self.history)
+                else:
+                    fh.writelines(json.dumps(r) + "\n" for r in self.history)
+            os.replace(tmp, self.path)
+
     def column(self, key: str, group: str | int = 0) -> list[float]:
         """The recorded values of ``key`` for one group (by name or position), in step order."""
         if key not in FIELDS:
