@@ -97,7 +97,11 @@ def test_gradcheck(fmt, mode):
 
 
 @pytest.fixture
-def two_threads():
+def two_threads(monkeypatch):
+    """Two intra-op threads with the (opt-in) single-threaded small-contraction path switched on."""
+    from tensorsam.nn import contraction
+
+    monkeypatch.setattr(contraction, "SINGLE_THREAD_MAX_FLOPS", 5e7)
     n = torch.get_num_threads()
     torch.set_num_threads(2)
     yield

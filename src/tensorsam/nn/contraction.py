@@ -9,6 +9,7 @@ is cached by operand shapes, so the per-call cost is the pairwise contractions o
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,11 +18,13 @@ import torch
 
 # relative cost of moving one element vs one multiply-add, used by the FLOP+memory estimate
 MEMORY_WEIGHT = 4.0
-# contractions cheaper than this run on one thread on CPU: each pairwise step is a tiny GEMM whose
-# parallel region costs more than it saves, and far more when the cores are oversubscribed (a TR
-# 32->32 conv, whose weight is such a contraction, measured 2.7-3.3x a dense conv with a busy
-# process beside it when multi-threaded, 1.0-1.3x single-threaded)
-SINGLE_THREAD_MAX_FLOPS = 5e7
+# Opt-in: contractions cheaper than this many FLOPs run on one thread on CPU (0 = off, the default).
+# Each pairwise step of a small contraction is a tiny GEMM whose parallel region costs more than it
+# saves when the cores are oversubscribed (a TR 32->32 conv measured 2.7-3.3x a dense conv with a
+# busy process beside it when multi-threaded, 1.0-1.3x single-threaded); on a quiet machine the
+# thread switching costs more than it saves (TR-ResNet-32 step at 2 threads: 1.13-1.16x dense with
+# it, 1.08-1.09x without).  Set TENSORSAM_SINGLE_THREAD_FLOPS=5e7 on shared, oversubscribed CPUs.
+SINGLE_THREAD_MAX_FLOPS = float(os.environ.get("TENSORSAM_SINGLE_THREAD_FLOPS", "0"))
 
 
 def equation(operand_labels: Sequence[Sequence[int]], out_labels: Sequence[int]) -> str:
