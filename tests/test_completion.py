@@ -76,7 +76,7 @@ def test_fused_compiled_step_matches_the_eager_wrappers(method):
             opt = make_optimizer(method, obj.cores, cfg, total_steps=10)
             step = obj.step_fn(method, opt)
             losses = [step() for _ in range(5)]
-        got.append(([c.detach().clone() for c in obj.cores], torch.stack(losses), opt._step,
+        got.append(([c.detach().clone() for c in obj.cores], torch.stack(losses), opt.step_count,
                     [opt.state[c]["exp_avg_sq"].clone() for c in obj.cores]))
     (c0, l0, n0, v0), (c1, l1, n1, v1) = got
     assert n0 == n1 == 5
@@ -168,3 +168,15 @@ def test_bad_input_is_refused_and_writes_nothing(tmp_path, capsys, args, message
     assert rc == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_eager_float64_run_is_bit_identical_to_the_first_wave():
+    """Golden cores written by the first wave's code (tests/data/make_completion_v1_eager_f64.py):
+    refactors of the optimizers or the task must reproduce a short eager float64 run bit for bit."""
+    from pathlib import Path
+
+    golden = torch.load(Path(__file__).parent / "data" / "completion_v1_eager_f64.pt", weights_only=True)
+    out = run_completion(CompletionConfig(**golden["config"]))
+    assert set(out["solutions"]) == set(golden["solutions"])
+    for tag, cores in golden["solutions"].items():
+        assert all(torch.equal(a, b) for a, b in zip(cores, out["solutions"][tag])), tag

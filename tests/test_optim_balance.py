@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from test_optim_common import toy
 from torch import nn
 
-from tensorsam.optim import Rebalance, rebalance_, rebalance_factors
+from tensorsam.formulas import rebalance_factors
+from tensorsam.optim import Rebalance, rebalance_
 from tensorsam.tensors import TR, Tucker
 
 

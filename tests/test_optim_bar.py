@@ -81,7 +81,7 @@ def test_linear_schedule_and_lr_of_each_factor():
     torch.testing.assert_close(x.detach(), want_x, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(y.detach(), want_y, rtol=1e-12, atol=1e-14)
     opt.step()                               # alpha_t = 0 from step T on: plain SGD
-    assert math.isclose(opt.schedule(2.0, opt._step, 4), 0.0)
+    assert math.isclose(opt.schedule(2.0, opt.step_count, 4), 0.0)
 
 
 def test_pairs_from_a_model_and_refusals():

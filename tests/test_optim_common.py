@@ -13,6 +13,7 @@ from torch import nn
 
 from tensorsam.optim import BAR, DAS, SAM, Rebalance, get_schedule
 from tensorsam.optim.schedules import constant, cosine, linear
+from tensorsam.optim.wrapper import GROUP_KEYS
 
 
 def toy(dtype=torch.float64, seed=0, n=16):
@@ -182,9 +183,9 @@ def test_state_dict_round_trip_is_bit_exact(kind, base):
             p.copy_(s)
     opt2 = make(kind, params2, groups2, base=base)
     opt2.load_state_dict(saved)
-    assert opt2._step == opt._step
+    assert opt2.step_count == opt.step_count
     assert opt2.param_groups is opt2.base_optimizer.param_groups
-    assert opt2.state is opt2.base_optimizer.state and saved["state"] == {}
+    assert opt2.state is opt2.base_optimizer.state and set(saved) == {"state", "param_groups"}
     train(opt2, loss_fn2, 2)
     for a, b in zip(straight, params2):
         assert torch.equal(a, b)
@@ -244,7 +245,7 @@ def test_skip_nonfinite_leaves_params_and_state_untouched(kind):
     train(opt, loss_fn, 2)
     before = [p.detach().clone() for p in params]
     state = {k: {n: v.clone() for n, v in s.items()} for k, s in opt.base_optimizer.state.items()}
-    step = opt._step
+    step = opt.step_count
 
     def bad_closure():
         opt.zero_grad()
@@ -265,7 +266,7 @@ def test_skip_nonfinite_leaves_params_and_state_untouched(kind):
     else:
         opt.step(bad_closure)
         skipped = 1
-    assert opt.skipped_steps == skipped and opt._step == step
+    assert opt.skipped_steps == skipped and opt.step_count == step
     for a, b in zip(before, params):
         assert torch.equal(a, b)
     for k, s in opt.base_optimizer.state.items():
@@ -304,7 +305,7 @@ def test_grad_scaler_skips_a_step_with_inf(kind):
         scaler.update()
         same = all(torch.equal(a, p) for a, p in zip(before, params))
         assert same is bad
-    assert opt._step == 1 and scaler.get_scale() == 2.0 ** 7
+    assert opt.step_count == 1 and scaler.get_scale() == 2.0 ** 7
 
 
 @pytest.mark.parametrize("kind", ["sam", "das", "nbar", "rebalance"])
@@ -313,9 +314,10 @@ def test_deepcopy_keeps_the_wrapper(kind):
     opt = make(kind, params, groups)
     train(opt, loss_fn, 1)
     clone = copy.deepcopy(opt)
-    assert type(clone.base_optimizer) is torch.optim.SGD and clone._step == opt._step
+    assert type(clone.base_optimizer) is torch.optim.SGD and clone.step_count == opt.step_count
     assert clone.param_groups is clone.base_optimizer.param_groups
-    assert clone.state_dict()["wrapper"] == opt.state_dict()["wrapper"]
+    counters = [{k: g[k] for k in GROUP_KEYS} for g in opt.state_dict()["param_groups"]]
+    assert [{k: g[k] for k in GROUP_KEYS} for g in clone.state_dict()["param_groups"]] == counters
 
 
 # -- bad strengths and groups ----------------------------------------------------------------------
@@ -359,7 +361,7 @@ def test_skip_nonfinite_does_not_skip_a_large_finite_gradient(foreach):
     params[3].grad.fill_(1e20)
     before = params[3].detach().clone()
     opt.step()
-    assert opt.skipped_steps == 0 and opt._step == 1
+    assert opt.skipped_steps == 0 and opt.step_count == 1
     assert torch.isfinite(params[3]).all() and not torch.equal(before, params[3])
 
 
@@ -389,30 +391,30 @@ def test_compile_must_be_a_bool():
 def test_stacked_norms_match_per_tensor_norms_in_the_original_order():
     """A bucket by shape and dtype (interleaved here), shapes too rare to stack, an empty tensor
     and a large one, which go through ``_foreach_norm``: every norm lands at its position."""
-    from tensorsam.optim.base import STACK_MAX_NUMEL, STACK_MIN_COUNT, StackedNorms
+    from tensorsam.norms import STACK_MAX_NUMEL, STACK_MIN_COUNT, StackedLayout, norms
 
     g = torch.Generator().manual_seed(0)
     shapes = [(3, 4), (2,), (3, 4), (), (0, 3), (STACK_MAX_NUMEL + 1,), (2,), (3, 4), (3, 4), (3, 4)]
     doubles = {1, 3, 9}
     ts = [torch.randn(s, generator=g, dtype=torch.float64 if i in doubles else torch.float32)
           for i, s in enumerate(shapes)]
-    stacked = StackedNorms(ts)
+    stacked = StackedLayout(ts)
     assert STACK_MIN_COUNT == 4 and stacked.buckets == [[0, 2, 7, 8]]
     assert stacked.inverse is not None and len(stacked.rest) == 6
     want = torch.stack([torch.linalg.vector_norm(t.double()) for t in ts])
-    got = stacked([2.0 * t for t in ts])             # same layout, new values
+    got = norms([2.0 * t for t in ts], True, stacked)   # same layout, new values
     torch.testing.assert_close(got, 2.0 * want, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_norms_are_reduced_in_float32(dtype):
     """bfloat16 norms carry ~3 digits, too few for gamma_k - gamma_bar; every path gives float32."""
-    from tensorsam.optim.base import StackedNorms, norms
+    from tensorsam.norms import StackedLayout, norms
 
     g = torch.Generator().manual_seed(0)
     ts = [torch.randn(s, generator=g).to(dtype) for s in [(7, 9), (7, 9), (300,), (5,)]]
     want = torch.stack([torch.linalg.vector_norm(t.double()) for t in ts])
-    for got in (norms(ts, True), norms(ts, False), StackedNorms(ts)(ts)):
+    for got in (norms(ts, True), norms(ts, False), norms(ts, True, StackedLayout(ts))):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
 

@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 from test_optim_common import toy
 from torch import nn
 
-from tensorsam.optim import DAS, das_lambda
+from tensorsam.formulas import das_lambda
+from tensorsam.optim import DAS
 from tensorsam.tensors import TT
 
 

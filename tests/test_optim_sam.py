@@ -211,4 +211,4 @@ def test_closure_failing_in_the_perturbed_pass_leaves_the_weights_at_w():
     assert all(torch.equal(a, p) for a, p in zip(before, params))
     calls[:] = [1, 1]                 # the optimizer is usable again: a full step works
     opt.step(closure)
-    assert opt._step == 1 and not all(torch.equal(a, p) for a, p in zip(before, params))
+    assert opt.step_count == 1 and not all(torch.equal(a, p) for a, p in zip(before, params))

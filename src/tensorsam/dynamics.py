@@ -1,6 +1,6 @@
 """Norm dynamics of scale-invariant groups: per-core norms, Q, Cov, balancedness, u.
 
-Notation (SPEC §1): a group is an ordered list of cores G_1..G_K that compose multilinearly;
+Notation (the DAS paper): a group is an ordered list of cores G_1..G_K that compose multilinearly;
 s_k = ||G_k||_F^2, gamma_k = ||g_k||_F^2 with g_k the gradient of core k, and bars are means
 over the group.
 
@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tensorsam.optim.base import segment_sum
-from tensorsam.optim.das import sam_u
+from tensorsam import formulas
+from tensorsam.formulas import sam_u, segment_sum
+from tensorsam.norms import norms, segments
 
 __all__ = [
     "NormTracker",
@@ -103,21 +104,11 @@ def _grads_like(groups, grads) -> list[list[torch.Tensor]]:
 
 def _sq_norms(groups: list[list[torch.Tensor]]) -> torch.Tensor:
     """Squared Frobenius norm of every tensor of every group, flattened in order (no syncs)."""
-    flat = [t.detach() for g in groups for t in g]
-    norms = torch._foreach_norm(flat)
-    dtype = flat[0].dtype
-    for t in flat[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    device = flat[0].device
-    return torch.stack([n.to(device=device, dtype=dtype) for n in norms]).square()
+    return norms([t.detach() for g in groups for t in g], squared=True)
 
 
 def _segments(groups, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(group index of each core, K of each group), as tensors built from Python ints."""
-    sizes = [len(g) for g in groups]
-    index = torch.repeat_interleave(torch.arange(len(sizes), device=device),
-                                    torch.tensor(sizes, device=device))
-    return index, torch.tensor(sizes, device=device)
+    return segments([len(g) for g in groups], device)
 
 
 def _split(values: torch.Tensor, groups, single: bool):
@@ -125,39 +116,14 @@ def _split(values: torch.Tensor, groups, single: bool):
     return parts[0] if single else parts
 
 
-# -- the formulas, once each -----------------------------------------------------------------
-def deviation(s: torch.Tensor, index: torch.Tensor | None = None, sizes: torch.Tensor | None = None):
-    """Norm deviation Q = sum_k (s_k - s_bar)^2 (Definition 1, Eq. 5) from squared core norms ``s``.
-
-    Equal to (1/2K) sum_{i,j} (s_i - s_j)^2 (Eq. 6).  With ``index``/``sizes`` (group index of each
-    entry, K of each group) it is computed per group and returns one value per group.
-    """
-    if index is None:
-        return (s - s.mean()).square().sum()
-    n = sizes.numel()
-    dev = s - (segment_sum(s, index, n) / sizes)[index]
-    return segment_sum(dev.square(), index, n)
-
-
-def covariance(s: torch.Tensor, gamma: torch.Tensor, index: torch.Tensor | None = None,
-               sizes: torch.Tensor | None = None):
-    """Cov(s, gamma) = (1/K) sum_k (s_k - s_bar)(gamma_k - gamma_bar) (Theorem 3).
-
-    Under SAM's gradient flow dQ/dt = 4 rho u K Cov + O(rho^2); under one SGD step
-    Delta Q = 2 eta^2 K Cov + eta^4 sum_k (gamma_k - gamma_bar)^2 (Theorem 1, discrete form).
-    Per group when ``index``/``sizes`` are given (see :func:`deviation`).
-    """
-    if index is None:
-        return ((s - s.mean()) * (gamma - gamma.mean())).mean()
-    n = sizes.numel()
-    ds = s - (segment_sum(s, index, n) / sizes)[index]
-    dg = gamma - (segment_sum(gamma, index, n) / sizes)[index]
-    return segment_sum(ds * dg, index, n) / sizes
+# -- the formulas (each lives in tensorsam.formulas) ------------------------------------------
+deviation = formulas.norm_deviation        # Q (Eq. 5), from squared core norms
+covariance = formulas.norm_grad_covariance  # Cov(s, gamma) (Theorem 3)
 
 
 def normalizer(gamma: torch.Tensor) -> torch.Tensor:
-    """u = (sum_j gamma_j)^(-1/2) of the squared gradient norms ``gamma``, via
-    :func:`tensorsam.optim.das.sam_u` (Theorem 2); an all-zero gradient gives u = 0."""
+    """u = (sum_j gamma_j)^(-1/2) of the squared gradient norms ``gamma`` (Theorem 2,
+    :func:`tensorsam.formulas.sam_u`); an all-zero gradient gives u = 0."""
     return sam_u(gamma.sum())
 
 
@@ -178,7 +144,7 @@ def _per_group(groups, single, fn, *vectors):
     if single:
         return fn(*vectors)
     index, sizes = _segments(groups, vectors[0].device)
-    return fn(*vectors, index=index, sizes=sizes.to(vectors[0].dtype))
+    return fn(*vectors, index, sizes.to(vectors[0].dtype))
 
 
 def norm_deviation(cores):

@@ -1,12 +1,14 @@
-"""Exact rebalancing (SPEC §3, beyond the papers): rescale every core of a group to the
-group's geometric-mean norm, so that Q = 0 while the composed tensor is unchanged."""
+"""Exact rebalancing (a baseline beyond the papers): rescale every core of a group to the
+group's geometric-mean norm (:func:`tensorsam.formulas.rebalance_factors`), so that Q = 0 while
+the composed tensor is unchanged."""
 
 from __future__ import annotations
 
 import torch
 
-from tensorsam.optim.base import GroupPlan, WrappedOptimizer, resolve_foreach, resolve_groups
-from tensorsam.optim.base import segment_sum as _segment_sum
+from tensorsam.optim import functional as F
+from tensorsam.optim.plan import GroupPlan, resolve_groups
+from tensorsam.optim.wrapper import WrappedOptimizer, check_flag, resolve_foreach
 
 # Power p of the rescaling of each per-parameter state entry, entry <- entry * c^(-p), per base
 # optimizer class.  Why: after G_k -> c_k G_k the gradient w.r.t. the new core at the rebalanced
@@ -38,22 +40,6 @@ def state_powers(optimizer: torch.optim.Optimizer) -> dict[str, int]:
                      f"{names} (or use rescale_state=False / no optimizer)")
 
 
-def rebalance_factors(core_norms: torch.Tensor, seg: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """c_k = (prod_j ||G_j||)^(1/K) / ||G_k||, computed in log space (SPEC §3, exact rebalancing).
-
-    The product of the c_k of a group is 1, so the composed tensor is unchanged, and every
-    ||c_k G_k|| equals the geometric mean, so Q = 0.  A group with a zero-norm (or non-finite)
-    core gets c = 1 for all its cores: it is left unchanged.
-    """
-    n_groups = counts.numel()
-    ok = (core_norms > 0) & torch.isfinite(core_norms)
-    log_n = torch.where(ok, core_norms, torch.ones_like(core_norms)).log()
-    log_mean = (_segment_sum(log_n, seg, n_groups) / counts)[seg]
-    group_ok = _segment_sum((~ok).to(core_norms.dtype), seg, n_groups)[seg] == 0
-    c = torch.exp(log_mean - log_n)
-    return torch.where(group_ok, c, torch.ones_like(c))
-
-
 def _rescale_state(optimizer: torch.optim.Optimizer, cores, c: torch.Tensor) -> None:
     """Rescale the optimizer's per-parameter state of ``cores`` by ``c^-p`` (see STATE_POWERS)."""
     powers = {k: p for k, p in state_powers(optimizer).items() if p}
@@ -71,7 +57,7 @@ def _rescale_state(optimizer: torch.optim.Optimizer, cores, c: torch.Tensor) -> 
 
 @torch.no_grad()
 def rebalance_(groups, optimizer: torch.optim.Optimizer | None = None, foreach: bool | None = None) -> None:
-    """Rebalance every group in place (see :func:`rebalance_factors`).
+    """Rebalance every group in place (see :func:`tensorsam.formulas.rebalance_factors`).
 
     It reads no device value, but builds the group index anew on every call (one small
     host-to-device copy on a GPU); :class:`Rebalance` builds it once.
@@ -98,10 +84,9 @@ def rebalance_(groups, optimizer: torch.optim.Optimizer | None = None, foreach: 
 def _rebalance_plan(plan: GroupPlan, optimizer, foreach: bool) -> None:
     if not plan.cores:
         return
-    n = plan.norms(plan.cores, foreach)
-    seg, counts = plan.seg_counts(n.device)
-    c = rebalance_factors(n, seg, counts.to(n.dtype))
-    plan.scale_cores_(c, foreach)
+    seg, counts = plan.seg_counts(plan.cores[0].device)
+    c = F.rebalance_(plan.cores, seg, counts, foreach, layout=plan.layout(plan.cores) if foreach else None,
+                     buffer=plan.factor_buffer(plan.cores[0]) if foreach else None)
     if optimizer is not None:
         _rescale_state(optimizer, plan.cores, c)
 
@@ -138,9 +123,7 @@ class Rebalance(WrappedOptimizer):
                  skip_nonfinite: bool = False, foreach: bool | None = None, **kwargs):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
-        if not isinstance(rescale_state, bool):
-            raise ValueError(f"rescale_state must be a bool, got {rescale_state!r}")  # noqa: TRY004
-        self.every, self.rescale_state = every, rescale_state
+        self.every, self.rescale_state = every, check_flag(rescale_state, "rescale_state")
         params = None if params is None else list(params)
         super().__init__(params, base_optimizer, {}, foreach=foreach, skip_nonfinite=skip_nonfinite,
                          **kwargs)
@@ -151,5 +134,5 @@ class Rebalance(WrappedOptimizer):
 
     def after_base_step(self) -> None:
         """After every ``every``-th base step, rebalance all groups (no host sync)."""
-        if self._step % self.every == 0:
+        if self.step_count % self.every == 0:
             _rebalance_plan(self.plan, self.base_optimizer if self.rescale_state else None, self.foreach)

@@ -16,9 +16,9 @@ Speed: the training entries are gathered once as flat indices; one step is the g
 ``sum((X^.flatten()[idx] - y)^2)`` (compiled with ``torch.compile`` when ``compile=True``)
 plus the optimizer step; metrics and norm dynamics are read every ``log_every`` steps only.
 Compiled, DAS's scaling and SAM's two passes run inside that one compiled function
-(:func:`gradient_fns`) and only the base step goes through the optimizer
-(``DAS.step(prescaled=True)``, ``SAM.base_step()``): on this 4-core problem the wrappers' many
-tiny per-step ops, not arithmetic, were what made DAS and SAM slow.
+(:func:`gradient_fns`, through :mod:`tensorsam.optim.functional`) and only the base step goes
+through the optimizer (``opt.base_step()``): on this 4-core problem the wrappers' many tiny
+per-step ops, not arithmetic, were what made DAS and SAM slow.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import torch
 
 from tensorsam.data import load_tensor, make_masks
 from tensorsam.dynamics import NormTracker
+from tensorsam.optim import build_optimizer
 from tensorsam.runner import Loop, atomic_torch_save, load_checkpoint, write_results
 from tensorsam.tasks.metrics import scores
 from tensorsam.tensors import get_format
@@ -223,20 +224,20 @@ def train_loss_fn(plan):
 
 
 def gradient_fns(loss_fn) -> dict:
-    """Pure-tensor gradient functions of ``loss_fn`` for :class:`Objective` (each compiled whole):
+    """Pure-tensor gradient functions of ``loss_fn`` for :class:`Objective` (each compiled whole),
+    built on the functional optimizer API (:mod:`tensorsam.optim.functional`):
 
     - ``'plain'``: ``(cores, idx, y, scale) -> (grads, loss)``;
-    - ``'das'``: the same, then DAS's scaling of the cores in place (:func:`das_scale_`, Eq. 9),
-      with the extra arguments of :meth:`DAS.scaling_args`; the base step follows with ``grads``;
-    - ``'sam'``: ``(..., rho) -> (grads at w + e, loss at w)``, e from :func:`sam_e` (Algorithm 1);
-      the weights stay at w.  A non-finite first-pass gradient gives e = 0 and NaN in the
-      returned gradient, as :meth:`SAM.restore` does, so ``skip_nonfinite`` skips the step.
+    - ``'das'``: the same, then DAS's scaling of the cores in place (:func:`das_scale_`, Eq. 9)
+      with the arguments of ``DAS.functional_args()``; the base step follows with ``grads``;
+    - ``'sam'``: ``(..., rho, adaptive) -> (grads at w + e, loss at w)``, e from
+      :func:`sam_perturbation` (Algorithm 1); the weights stay at w.  A non-finite first-pass
+      gradient gives e = 0 and NaN in the returned gradient, as ``SAM.restore`` does.
 
     Gradients are made contiguous: einsum's backward can return transposed strides, and torch
     2.13's fused CPU Adam then pairs gradient and parameter entries wrongly (silently).
     """
-    from tensorsam.optim.das import das_scale_
-    from tensorsam.optim.sam import nan_if_not, sam_e
+    from tensorsam.optim.functional import das_scale_, nan_unless, sam_perturbation
 
     grad_and_value = torch.func.grad_and_value(loss_fn)
 
@@ -249,11 +250,11 @@ def gradient_fns(loss_fn) -> dict:
         das_scale_(list(cores), list(grads), eta_alpha, seg, counts, normalization, divisor)
         return grads, loss
 
-    def sam(cores, idx, y, scale, rho):
+    def sam(cores, idx, y, scale, rho, adaptive):
         grads, loss = plain(cores, idx, y, scale)
-        e, finite = sam_e(list(grads), rho)
+        e, finite = sam_perturbation(list(cores), list(grads), rho, adaptive)
         grads, _ = plain(tuple(c + ek for c, ek in zip(cores, e)), idx, y, scale)
-        return (grads[0] + nan_if_not(finite), *grads[1:]), loss
+        return (grads[0] + nan_unless(finite), *grads[1:]), loss
 
     return {"plain": plain, "das": das, "sam": sam}
 
@@ -348,15 +349,10 @@ class Objective:
         fn = self._compiled(method)
 
         def fused():
-            if method == "das":
-                grads, loss = fn(cores, self.idx, self.y, self.scale, *opt.scaling_args())
-            else:
-                grads, loss = fn(cores, self.idx, self.y, self.scale, opt.rho_per_param(self.cores))
+            args = opt.functional_args()[1:] if method == "das" else opt.functional_args(self.cores)
+            grads, loss = fn(cores, self.idx, self.y, self.scale, *args)
             self._set_grads(grads)
-            if method == "das":
-                opt.step(prescaled=True)
-            else:
-                opt.base_step()
+            opt.base_step()
             return loss
 
         state = {"step": None}
@@ -388,7 +384,8 @@ class Objective:
 
 
 def make_optimizer(method: str, cores, cfg: CompletionConfig, total_steps: int):
-    """The optimizer of ``method`` over ``cores`` (one scale-invariant group), base ``cfg.optimizer``."""
+    """The optimizer of ``method`` over ``cores`` (one scale-invariant group), base ``cfg.optimizer``,
+    from :func:`tensorsam.optim.build_optimizer`; 'adam' is the base optimizer alone."""
     base = optimizer_class(cfg.optimizer)
     kwargs = {"lr": cfg.lr}
     params = inspect.signature(base.__init__).parameters
@@ -396,22 +393,13 @@ def make_optimizer(method: str, cores, cfg: CompletionConfig, total_steps: int):
         kwargs["weight_decay"] = cfg.weight_decay
     if "fused" in params:
         kwargs["fused"] = True  # one kernel for the whole base step
-    if method == "adam":
-        return base(cores, **kwargs)
-    if method == "sam":
-        from tensorsam.optim import SAM
-
-        return SAM(cores, base, rho=cfg.rho, compile=cfg.compile, **kwargs)
-    if method == "das":
-        from tensorsam.optim import DAS
-
-        return DAS(cores, base, groups=[cores], alpha=cfg.alpha, alpha_schedule=cfg.alpha_schedule,
-                   total_steps=total_steps, compile=cfg.compile, **kwargs)
-    if method == "rebalance":
-        from tensorsam.optim import Rebalance
-
-        return Rebalance(cores, base, groups=[cores], every=cfg.rebalance_every, **kwargs)
-    raise ValueError(f"method {method!r} is not trained by an optimizer")
+    options = {"adam": {}, "sam": {"rho": cfg.rho, "compile": cfg.compile},
+               "das": {"alpha": cfg.alpha, "alpha_schedule": cfg.alpha_schedule, "compile": cfg.compile},
+               "rebalance": {"every": cfg.rebalance_every}}
+    if method not in options:
+        raise ValueError(f"method {method!r} is not trained by an optimizer")
+    return build_optimizer("base" if method == "adam" else method, cores, groups=[cores], base=base,
+                           total_steps=total_steps, **options[method], **kwargs)
 
 
 # --------------------------------------------------------------------------- one run

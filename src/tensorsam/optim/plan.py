@@ -1,0 +1,168 @@
+"""The groups of one optimizer as flat cores plus a segment index, built once and reused.
+
+Grouped scalings (DAS, BAR, rebalancing) see their groups as one list of cores, ``seg`` (core ->
+group) and ``counts`` (group sizes), so every group is handled by the same few vectorised ops
+(:mod:`tensorsam.formulas`) instead of a Python loop per group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from tensorsam.norms import StackedLayout, acc_dtype, norms, segments
+
+
+def per_core_values(param_groups: list[dict], group_index: Sequence[int], value, like: torch.Tensor) -> torch.Tensor:
+    """1-D tensor ``value(param_groups[group_index[k]])`` for each core k, on ``like``'s device and
+    dtype, without host copies (a run of cores in one param group is one ``torch.full``)."""
+    parts, start, n = [], 0, len(group_index)
+    while start < n:
+        gi = group_index[start]
+        end = start
+        while end < n and group_index[end] == gi:
+            end += 1
+        v = value(param_groups[gi])
+        if isinstance(v, torch.Tensor):
+            parts.append(v.to(like).reshape(1).expand(end - start))
+        else:
+            parts.append(torch.full((end - start,), v, dtype=like.dtype, device=like.device))
+        start = end
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def acc_like(cache: dict, t: torch.Tensor) -> torch.Tensor:
+    """A cached 0-dim tensor on ``t``'s device in its accumulation dtype: the ``like`` of
+    :func:`per_core_values` when no norm tensor is at hand yet."""
+    key = (t.device, t.dtype)
+    if key not in cache:
+        cache[key] = torch.empty((), dtype=acc_dtype(t.dtype) or t.dtype, device=t.device)
+    return cache[key]
+
+
+class GroupPlan:
+    """Groups as flat ``cores`` with ``group_index[k]``, the param group of core k.
+
+    ``seg``/``counts`` per device, the :class:`~tensorsam.norms.StackedLayout` of each list
+    layout and the per-core factor buffers are cached, so a step makes no host copy."""
+
+    def __init__(self, groups: list[list[nn.Parameter]], param_groups: list[dict] | None = None,
+                 group_index: list[int] | None = None):
+        self.groups = groups
+        self.cores = [p for grp in groups for p in grp]
+        if group_index is None:
+            where = {id(p): i for i, g in enumerate(param_groups) for p in g["params"]}
+            group_index = [where[id(p)] for p in self.cores]
+        self.group_index = group_index
+        self._seg: dict = {}
+        self._buffers: dict = {}
+        self._subplans: dict = {}
+        self._layouts: dict = {}
+        if self.cores:
+            self.seg_counts(self.cores[0].device)
+
+    def seg_counts(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(seg, counts) on ``device`` (copied from the host once per device)."""
+        key = str(device)
+        if key not in self._seg:
+            self._seg[key] = segments([len(g) for g in self.groups], device)
+        return self._seg[key]
+
+    def layout(self, tensors: Sequence[torch.Tensor]) -> StackedLayout:
+        """The cached :class:`StackedLayout` of lists laid out like ``tensors``."""
+        key = (len(tensors), tensors[0].device, tensors[0].dtype)   # survives model.to(...)
+        if key not in self._layouts:
+            self._layouts[key] = StackedLayout(tensors)
+        return self._layouts[key]
+
+    def norms(self, tensors: Sequence[torch.Tensor], foreach: bool) -> torch.Tensor:
+        """:func:`~tensorsam.norms.norms` of a list laid out like the cores (or cores + gradients)."""
+        return norms(tensors, foreach, self.layout(tensors) if foreach else None)
+
+    def factor_buffer(self, like: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """A persistent per-core buffer, in ``like``'s accumulation dtype, and its 0-dim views (see
+        :func:`~tensorsam.optim.functional.scale_`)."""
+        dtype = acc_dtype(like.dtype) or like.dtype
+        key = (dtype, str(like.device))
+        if key not in self._buffers:
+            buf = torch.empty(len(self.cores), dtype=dtype, device=like.device)
+            self._buffers[key] = (buf, list(buf.unbind()))
+        return self._buffers[key]
+
+    def eta_alpha(self, param_groups: list[dict], alpha_factor: float, like: torch.Tensor) -> torch.Tensor:
+        """eta_k * alpha_k(t) per core: the current (scheduled) ``lr`` of core k's param group times
+        its ``alpha`` times the schedule's factor."""
+        return per_core_values(param_groups, self.group_index, lambda g: g["lr"] * g["alpha"] * alpha_factor, like)
+
+    def with_grads(self) -> GroupPlan | None:
+        """This plan restricted to the groups whose cores all have a gradient (``None`` if none),
+        cached per pattern of active groups."""
+        if all(p.grad is not None for p in self.cores):
+            return self
+        active = tuple(i for i, grp in enumerate(self.groups) if all(p.grad is not None for p in grp))
+        if not active:
+            return None
+        if active not in self._subplans:
+            starts = [0]
+            for grp in self.groups:
+                starts.append(starts[-1] + len(grp))
+            index = [self.group_index[k] for i in active for k in range(starts[i], starts[i + 1])]
+            self._subplans[active] = GroupPlan([self.groups[i] for i in active], group_index=index)
+        return self._subplans[active]
+
+
+def resolve_groups(groups, params_owned: Iterable[torch.Tensor] | None, what: str = "groups",
+                   size: int | None = None, need_grad: bool = True) -> list[list[nn.Parameter]]:
+    """Check user groups: a model (discovered with ``scale_invariant_groups``) or lists of params.
+
+    There must be at least one group (an optimizer over none would silently be its base
+    optimizer).  Every grouped parameter must be one of ``params_owned`` (unless ``None``), be in
+    one group only and, with ``need_grad``, require gradients (a frozen core never gets one);
+    ``size`` (2 for BAR pairs) fixes the number of cores per group.
+    """
+    if groups is None:
+        raise ValueError(f"{what} is required: pass a model (groups are then discovered) or a list "
+                         "of parameter lists")
+    if isinstance(groups, nn.Module):
+        from tensorsam.groups import scale_invariant_groups
+
+        model, groups = groups, scale_invariant_groups(groups)
+        if not groups:
+            raise ValueError(f"{what}: the model {type(model).__name__} has no scale-invariant groups "
+                             "(no factorized tensor, tensorized layer or LoRA pair that requires grad)")
+    try:
+        groups = [list(g) for g in groups]
+    except TypeError:
+        raise ValueError(f"{what} must be a model or a list of parameter lists, got {groups!r}") from None
+    if not groups:
+        raise ValueError(f"{what} is empty: pass at least one group of parameters")
+    owned = None if params_owned is None else {id(p) for p in params_owned}
+    seen: set[int] = set()
+    for i, grp in enumerate(groups):
+        if not grp:
+            raise ValueError(f"{what}[{i}] is empty")
+        if size is not None and len(grp) != size:
+            raise ValueError(f"{what}[{i}] has {len(grp)} parameters; expected {size} (an (x, y) pair)")
+        for p in grp:
+            if not isinstance(p, torch.Tensor):
+                raise ValueError(f"{what}[{i}] holds {type(p).__name__}, not a parameter tensor")  # noqa: TRY004
+            shape = tuple(p.shape)
+            if owned is not None and id(p) not in owned:
+                raise ValueError(f"{what}[{i}] holds a parameter of shape {shape} that is not "
+                                 "among the optimizer's params")
+            if need_grad and not p.requires_grad:
+                raise ValueError(f"{what}[{i}] holds a parameter of shape {shape} that does not "
+                                 "require grad: a frozen core never gets a gradient, so its group would "
+                                 "never be scaled; leave the group out")
+            if id(p) in seen:
+                raise ValueError(f"{what}[{i}] holds a parameter of shape {shape} that is "
+                                 "already in another group")
+            seen.add(id(p))
+    return groups
+
+
+def single_bucket(tensors: Sequence[torch.Tensor]) -> bool:
+    """True when every tensor shares the first one's device and dtype (what the compiled paths take)."""
+    return bool(tensors) and all(t.device == tensors[0].device and t.dtype == tensors[0].dtype for t in tensors)

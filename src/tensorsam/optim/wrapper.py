@@ -1,0 +1,256 @@
+"""What every tensorsam optimizer shares: wrapping a base ``torch.optim`` optimizer.
+
+A wrapper is a real :class:`torch.optim.Optimizer` whose ``param_groups`` and ``state`` *are* the
+base optimizer's (the same objects): LR schedulers attached to the wrapper move the base learning
+rate, tools that walk ``optimizer.state`` reach the momentum buffers and moments, and the
+wrapper's hyperparameters (``rho``, ``alpha``) live in the param groups next to ``lr``.
+
+``state_dict()`` has torch's layout, ``{"state", "param_groups"}``, with per-parameter state
+keyed by integer index.  The wrapper's counters and the base optimizer's class name are entries
+of every param group (:data:`GROUP_KEYS`), so tools that keep only those two keys
+(``torch.distributed.checkpoint``, FSDP's optimizer-state helpers) keep them too.  State dicts of
+the first layout (the base optimizer's state under ``"base"``, counters under ``"wrapper"``)
+still load.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+STEP, SKIPPED, BASE = "wrapper_step", "wrapper_skipped_steps", "base_optimizer"
+GROUP_KEYS = (STEP, SKIPPED, BASE)
+STRENGTHS = ("rho", "alpha")    # per-group hyperparameters checked by :func:`check_strength`
+
+
+def check_strength(value, name: str = "alpha") -> float:
+    """``value`` as a float, or a ``ValueError`` unless it is a finite non-negative number (a NaN
+    or inf strength would turn every weight into NaN on the first step)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
+    return float(value)
+
+
+def check_flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")  # noqa: TRY004
+    return value
+
+
+def resolve_foreach(foreach: bool | None) -> bool:
+    """``None`` means the multi-tensor path: it runs on every device and saves Python loops."""
+    if foreach is not None and not isinstance(foreach, bool):
+        raise ValueError(f"foreach must be True, False or None, got {foreach!r}")
+    return True if foreach is None else foreach
+
+
+def _param_ids(params) -> set[int]:
+    out = set()
+    for item in params:
+        if isinstance(item, dict):
+            ps = item["params"]
+            out.update(id(p) for p in ([ps] if isinstance(ps, torch.Tensor) else ps))
+        else:
+            out.add(id(item))
+    return out
+
+
+def _upgrade(state_dict: dict, base_name: str) -> dict:
+    """A state dict of the first layout (``"base"`` + ``"wrapper"``, no base class name) in torch's
+    layout, taken to be of base optimizer ``base_name``."""
+    base, counters = state_dict["base"], state_dict.get("wrapper", {})
+    groups = []
+    for mine, theirs in zip(state_dict.get("param_groups", []), base["param_groups"]):
+        groups.append({**mine, **theirs, STEP: int(counters.get("step", 0)),
+                       SKIPPED: int(counters.get("skipped_steps", 0)), BASE: base_name})
+    return {"state": base["state"], "param_groups": groups or base["param_groups"]}
+
+
+class WrappedOptimizer(torch.optim.Optimizer):
+    """Base class: wraps ``base_optimizer``, a class built on ``params`` with ``**kwargs``, or an
+    instance (``params`` then ``None`` or the same parameters).
+
+    ``defaults`` are the wrapper's own per-group hyperparameters.  ``skip_nonfinite=True`` checks
+    the gradients once per step (one host sync) and, if one is non-finite, leaves every parameter
+    and all state untouched; :attr:`skipped_steps` counts such steps.  A subclass adds its work in
+    :meth:`before_base_step` / :meth:`after_base_step`::
+
+        class Shrink(WrappedOptimizer):
+            def __init__(self, params, base_optimizer, factor=0.999, **kwargs):
+                super().__init__(params, base_optimizer, {"factor": factor}, **kwargs)
+
+            @torch.no_grad()
+            def before_base_step(self):
+                for g in self.param_groups:
+                    torch._foreach_mul_(g["params"], g["factor"])
+
+        opt = Shrink(model.parameters(), torch.optim.AdamW, lr=1e-3)
+    """
+
+    def __init__(self, params, base_optimizer, defaults: dict, *, foreach: bool | None = None,
+                 skip_nonfinite: bool = False, **kwargs):
+        if isinstance(base_optimizer, torch.optim.Optimizer):
+            if kwargs:
+                raise ValueError(f"keyword arguments {sorted(kwargs)} are for building a base optimizer, "
+                                 "but base_optimizer is already an instance")
+            base = base_optimizer
+            if params is not None and _param_ids(params) != _param_ids(base.param_groups):
+                raise ValueError("params differ from the parameters of the given base_optimizer "
+                                 "instance; pass params=None or the same parameters")
+        elif isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
+            if params is None:
+                raise ValueError("params is required when base_optimizer is a class")
+            base = base_optimizer(params, **kwargs)
+        else:
+            msg = f"base_optimizer must be a torch.optim.Optimizer subclass or instance, got {base_optimizer!r}"
+            raise ValueError(msg)  # noqa: TRY004
+        self.base_optimizer = base
+        self.foreach = resolve_foreach(foreach)
+        self.skip_nonfinite = check_flag(skip_nonfinite, "skip_nonfinite")
+        self._initialising = True
+        super().__init__(base.param_groups, defaults)  # adds our defaults to the shared dicts
+        self._initialising = False
+        self.param_groups = base.param_groups
+        self.state = base.state
+        for g in self.param_groups:
+            self._check_group(g)
+            g.update({STEP: 0, SKIPPED: 0, BASE: type(base).__name__})
+        self.defaults.update({k: v for k, v in base.defaults.items() if k not in self.defaults})
+
+    def __getstate__(self) -> dict:
+        # torch's Optimizer pickles only defaults/state/param_groups; a wrapper needs all of it
+        return self.__dict__.copy()
+
+    # -- counters, kept in every param group ---------------------------------------------------
+    @property
+    def step_count(self) -> int:
+        """Base steps taken (steps skipped for non-finite gradients do not count)."""
+        return self.param_groups[0][STEP]
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients (``skip_nonfinite=True``)."""
+        return self.param_groups[0][SKIPPED]
+
+    def _advance(self, key: str) -> None:
+        for g in self.param_groups:
+            g[key] += 1
+
+    # -- param groups and state ---------------------------------------------------------------
+    def _check_group(self, group: dict) -> None:
+        for name in self.defaults:
+            if name in STRENGTHS:
+                check_strength(group[name], name)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Adds the group to the base optimizer (with the wrapper's defaults and counters).  Its
+        parameters get the base step (and SAM's perturbation); they join no scale-invariant group
+        of DAS, BAR or Rebalance, whose groups are fixed at construction."""
+        if getattr(self, "_initialising", True):
+            return super().add_param_group(param_group)
+        if isinstance(param_group, dict):
+            for name in STRENGTHS:
+                if name in self.defaults and name in param_group:
+                    check_strength(param_group[name], name)
+        counters = {k: self.param_groups[0][k] for k in GROUP_KEYS}
+        self.base_optimizer.add_param_group(param_group)
+        for k, v in self.defaults.items():
+            self.param_groups[-1].setdefault(k, v)
+        self.param_groups[-1].update(counters)
+        return None
+
+    def state_dict(self) -> dict:
+        """torch's layout: ``{"state": {index: {...}}, "param_groups": [...]}``."""
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load :meth:`state_dict`, or a state dict of the first layout.  A state dict of a plain
+        optimizer, or of a wrapper around another base optimizer, is refused."""
+        if not isinstance(state_dict, dict) or "param_groups" not in state_dict:
+            raise ValueError("not an optimizer state dict: expected the keys 'state' and 'param_groups'")
+        mine = type(self.base_optimizer).__name__
+        if "base" in state_dict:
+            state_dict = _upgrade(state_dict, mine)
+        for g in state_dict["param_groups"]:
+            if BASE not in g:
+                raise ValueError(f"not a tensorsam optimizer state dict: its param groups lack {BASE!r} "
+                                 "(a plain optimizer's state dict loads into base_optimizer)")
+            if g[BASE] != mine:
+                raise ValueError(f"this state dict was saved with base optimizer {g[BASE]}, but this "
+                                 f"{type(self).__name__} wraps {mine}")
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        for g in self.param_groups:
+            for k, v in {**self.defaults, STEP: 0, SKIPPED: 0, BASE: mine}.items():
+                g.setdefault(k, v)
+
+    # -- the step ---------------------------------------------------------------------------------
+    def _params_with_grad(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+    @torch.no_grad()
+    def grads_finite(self) -> bool:
+        """True when every gradient is finite: the ONE host sync of ``skip_nonfinite=True`` (one
+        ``.item()`` per step).  Max-norms propagate NaN and inf without overflowing."""
+        grads = [p.grad for p in self._params_with_grad()]
+        if not grads:
+            return True
+        if self.foreach:
+            peaks = torch._foreach_norm(grads, ord=math.inf)
+        else:
+            peaks = [torch.linalg.vector_norm(t, ord=math.inf) for t in grads]
+        dev = peaks[0].device
+        return bool(torch.isfinite(torch.stack([t.to(dev) for t in peaks])).all().item())
+
+    def _skip_this_step(self) -> bool:
+        if self.skip_nonfinite and not self.grads_finite():
+            self._advance(SKIPPED)
+            return True
+        return False
+
+    def initialising_state(self) -> bool:
+        """True for the call ``torch.distributed.checkpoint`` makes to create optimizer state:
+        ``step()`` with no state yet and lr 0 in every param group.  Such a step runs only the
+        base step (creating its state, moving nothing) and counts nothing."""
+        return not self.state and all(float(g.get("lr", 0.0)) == 0.0 for g in self.param_groups)
+
+    def _base_step(self) -> None:
+        """The base step and the step counter: the one place either happens."""
+        self.base_optimizer.step()
+        self._advance(STEP)
+
+    @torch.no_grad()
+    def base_step(self) -> bool:
+        """Only the base step, with the gradients in ``.grad``, counted; honours ``skip_nonfinite``.
+        For fused steps (see :mod:`tensorsam.optim.functional`).  Returns whether it was taken."""
+        self._opt_called = True   # tells LR schedulers that the optimizer stepped
+        if self._skip_this_step():
+            return False
+        self._base_step()
+        return True
+
+    def before_base_step(self) -> None:
+        """Work done with the current gradients before the base step (DAS and BAR scale here)."""
+
+    def after_base_step(self) -> None:
+        """Work done after the base step and the counter update (Rebalance)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """``closure`` (optional) recomputes the gradients; then :meth:`before_base_step`, the base
+        step with those same gradients, and :meth:`after_base_step`."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        elif self.initialising_state():
+            self.base_optimizer.step()
+            return None
+        if self._skip_this_step():
+            return loss
+        self.before_base_step()
+        self._base_step()
+        self.after_base_step()
+        return loss
