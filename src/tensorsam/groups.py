@@ -1,7 +1,7 @@
 """Scale-invariant groups: the single place that knows which parameters belong together.
 
 A group is one ordered list of parameters composed multilinearly, so that scaling them by
-c_1..c_K with prod c_k = 1 leaves the model unchanged (SPEC §1).  Discovery walks a model:
+c_1..c_K with prod c_k = 1 leaves the model unchanged (the DAS paper, Problem (1)).  Discovery walks a model:
 
 - every :class:`~tensorsam.tensors.base.FactorizedTensor` (a bare format, or inside a
   tensorized layer or tensor adapter) gives the group of its ``cores``, in order;

@@ -1,6 +1,6 @@
 """Seeded train / validation / held-out entry masks for tensor completion.
 
-The training mask is exactly the authors' (SPEC §4, E1): ``torch.manual_seed(seed)`` then
+The training mask is exactly the authors' (their tensor-completion code): ``torch.manual_seed(seed)`` then
 ``torch.rand(shape) < train_fraction``.  We draw it from a private ``torch.Generator``
 seeded the same way, which gives the same entries without touching the global RNG.
 Validation entries are carved out of the training entries with a second generator whose

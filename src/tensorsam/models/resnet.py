@@ -3,7 +3,7 @@
 Every 3x3 convolution (the first one included) may be tensorized; BatchNorm and the final
 FC stay dense.  Tensor layouts, all of the form (in modes..., 9, out modes...):
 
-* ``tr`` and ``tt``: the appendix Table 2 tensorization, block counts corrected (SPEC §6),
+* ``tr`` and ``tt``: the appendix Table 2 tensorization, block counts corrected,
   e.g. 32->32 is (4, 4, 2, 9, 4, 4, 2).  TT reuses it with boundary ranks 1.
 * ``cp`` and ``tucker``: third order (C_in, 9, C_out), the authors' CP layout; for Tucker
   this is a Tucker-2 of the channels plus a kernel factor (ranks capped at mode sizes).
@@ -20,7 +20,7 @@ from torch import nn
 
 from ..nn import TensorizedConv2d, count_parameters
 
-# Appendix Table 2 (SPEC §6): channel count -> its modes
+# Appendix Table 2: channel count -> its modes
 TABLE2_MODES = {3: (3,), 16: (4, 2, 2), 32: (4, 4, 2), 64: (4, 4, 4)}
 DEPTHS = (20, 32)
 
@@ -117,7 +117,7 @@ def resnet(depth: int = 20, format: str | None = None, rank=None, num_classes: i
 
     Example::
 
-        >>> model = resnet(32, "tr", rank=15)       # 202,272 parameters (SPEC §6)
+        >>> model = resnet(32, "tr", rank=15)       # 202,272 parameters
         >>> model(torch.randn(2, 3, 32, 32)).shape
         torch.Size([2, 10])
         >>> dense = resnet(20)                      # format=None: plain nn.Conv2d
@@ -127,7 +127,7 @@ def resnet(depth: int = 20, format: str | None = None, rank=None, num_classes: i
 
 def parameter_report(depth: int = 20, format: str | None = None, rank=None, num_classes: int = 10) -> dict:
     """Parameter counts (all parameters, BN and FC included) and the compression ratio versus
-    the dense ResNet of the same depth, as in SPEC §6."""
+    the dense ResNet of the same depth, as in the paper's compression ratios."""
     dense = count_parameters(resnet(depth, None, None, num_classes))
     params = count_parameters(resnet(depth, format, rank, num_classes))
     return {"depth": depth, "format": format, "rank": rank, "params": params, "dense_params": dense,

@@ -8,7 +8,7 @@ import math
 def kaiming_variance(fan_in: int, gain: float = math.sqrt(2.0)) -> float:
     """Var(W) = gain^2 / fan_in: Kaiming's fan-in variance (2 / fan_in for ReLU nets).
 
-    This is the target of the unified initialisation (Pan et al., ICML 2022; SPEC §6): the
+    This is the target of the unified initialisation (Pan et al., ICML 2022): the
     format's ``reset_parameters(target_variance)`` draws its cores so that every entry of the
     reconstructed weight has this variance.  ``fan_in`` is ``in_features`` for a linear
     layer and ``C_in * k_h * k_w`` for a convolution.

@@ -5,7 +5,7 @@ permutation, never by a ``view`` of the wrong axis order):
 
 * ``TensorizedLinear``: ``(in modes..., out modes...)``; for TTM the column modes are the
   input modes and the row modes the output modes.
-* ``TensorizedConv2d``: ``(in modes..., k_h*k_w, out modes...)`` (SPEC §6, appendix Table 2).
+* ``TensorizedConv2d``: ``(in modes..., k_h*k_w, out modes...)`` (the DAS paper's appendix Table 2).
 
 Forward modes (``forward_mode``):
 
@@ -214,7 +214,7 @@ class _TensorizedLayer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, target_variance: float | None = None) -> None:
-        """Unified init (SPEC §6): Var(reconstructed weight) = ``target_variance``, by default
+        """Unified init (Pan et al., ICML 2022): Var(reconstructed weight) = ``target_variance``, by default
         Kaiming's 2/fan_in; the bias as in torch's dense layers, U(±1/sqrt(fan_in))."""
         fan_in = self.in_size * (self.kernel_numel or 1)
         self.weight_factors.reset_parameters(
@@ -412,7 +412,7 @@ def _pair(v, name: str) -> tuple[int, int]:
 
 class TensorizedConv2d(_TensorizedLayer):
     """A 2-D convolution whose weight is stored factorized with shape
-    (in modes..., k_h*k_w, out modes...) (SPEC §6).  Zero padding, ``groups=1``.
+    (in modes..., k_h*k_w, out modes...) (appendix Table 2).  Zero padding, ``groups=1``.
 
     Example::
 

@@ -3,7 +3,7 @@
 Each schedule is one function ``f(alpha0, t, total_steps) -> float`` of the python step
 counter ``t`` (steps already taken), so evaluating it never touches a device.  BAR recommends
 a decreasing alpha_t (linear or cosine, ``papers/bar-algorithms.md``); the authors' tensor
-completion code decays DAS's alpha linearly to 0 (SPEC §4, E1).
+completion code decays DAS's alpha linearly to 0 (the paper's tensor-completion experiment).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Tensor completion (E1): fit a factorized tensor to a random subset of entries.
 
-The paper's protocol (SPEC §4, E1) is the default of :class:`CompletionConfig`: the COVID-19
+The paper's protocol (its tensor-completion experiment, Table 1) is the default of :class:`CompletionConfig`: the COVID-19
 serology tensor, Tucker rank (8, 6, 8), mask seeds 42/87/100 (30 % of entries train, the rest
 held out), 50 000 Adam steps at lr 1e-3 on the *sum* of squared residuals over the training
 entries, SAM rho = 0.01, DAS alpha = 0.001 decaying linearly to 0, and tensorly's masked HOOI
@@ -51,7 +51,7 @@ PROTOCOLS = ("paper", "validated")
 
 @dataclasses.dataclass
 class CompletionConfig:
-    """Settings of a completion experiment; the defaults are the paper's protocol (SPEC §4, E1).
+    """Settings of a completion experiment; the defaults are the paper's protocol (Table 1).
 
     ``loss='sum'`` is the sum of squared residuals over the training entries (the authors'
     code); ``'mean'`` divides it by their number.  Caveat: DAS's lambda scales with the

@@ -6,7 +6,7 @@ and N is standard Gaussian noise, by minimising 1/2 ||X^ - Y||_F^2 with plain gr
 descent (GD) or with SAM over GD.  The start is imbalanced (A scaled up, B down, the
 product unchanged).  The norm deviation Q (Eq. 5) and Cov(s, gamma) (Theorem 3) are recorded.
 
-Theory (SPEC §2): under gradient flow Q is conserved (Theorem 1; a finite step changes it by
+Theory (the DAS paper, Theorems 1-3): under gradient flow Q is conserved (Theorem 1; a finite step changes it by
 O(eta^2)); under SAM dQ/dt = 4 rho u K Cov(s, gamma) + O(rho^2), so Q keeps falling as long as
 the gradients do not vanish, which noise (a residual no rank-r model can fit) ensures.
 

@@ -135,7 +135,7 @@ class FactorizedTensor(nn.Module):
 
     @property
     def num_rank_combinations(self) -> int:
-        """Phi: the number of products summed for each entry (SPEC §6)."""
+        """Phi: the number of products summed for each entry."""
         raise NotImplementedError
 
     # -- generic machinery ------------------------------------------------------------------
@@ -181,7 +181,7 @@ class FactorizedTensor(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, target_variance: float = 1.0) -> None:
-        """Unified initialisation (Pan et al., ICML 2022; SPEC §6).
+        """Unified initialisation (Pan et al., ICML 2022).
 
         Each core is drawn from U(±sqrt(3v)) with v = (target_variance / Phi)^(1/N), so
         that every entry of the reconstructed tensor has variance ``target_variance``.
