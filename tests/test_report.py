@@ -7,7 +7,7 @@ import pytest
 
 from tensorsam.cli import main
 from tensorsam.report import format_cell, load_results, make_report, metric_label, summarize
-from tensorsam.runner import write_results
+from tensorsam.run import write_results
 
 TRAIN = {"adam": [0.949, 0.951, 0.950], "sam": [0.948, 0.9485, 0.949], "hooi": [0.92, 0.93, 0.925]}
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tensorsam.runner import (
+from tensorsam.run import (
     Loop,
     add_config_arguments,
     atomic_torch_save,
@@ -368,7 +368,7 @@ SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
     import torch
-    from tensorsam.runner import Loop, seed_everything
+    from tensorsam.run import Loop, seed_everything
     torch.set_num_threads(1)
     ckpt, total, kill_at, resume, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5]
     seed_everything(3)

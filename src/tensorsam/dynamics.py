@@ -15,6 +15,7 @@ it copies its numbers out.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from torch import nn
 from tensorsam import formulas
 from tensorsam.formulas import sam_u, segment_sum
 from tensorsam.norms import norms, segments
+from tensorsam.run.io import atomic_save_figure, atomic_write_text
 
 __all__ = [
     "NormTracker",
@@ -310,7 +312,7 @@ class NormTracker:
 
     def state_dict(self) -> dict:
         """The step counter and recorded rows (plain Python, so ``torch.load(weights_only=True)``
-        reads it back); lets :class:`tensorsam.runner.Loop` checkpoint a tracker."""
+        reads it back); lets :class:`tensorsam.run.Loop` checkpoint a tracker."""
         return {"t": self._t, "history": [dict(r) for r in self.history]}
 
     def load_state_dict(self, state: dict) -> None:
@@ -319,14 +321,13 @@ class NormTracker:
         self._t = int(state["t"])
         self.history = [dict(r) for r in state["history"]]
         if self.path is not None:
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            with tmp.open("w", newline="") as fh:
-                if self.fmt == "csv":
-                    fh.write(",".join(FIELDS) + "\n")
-                    csv.DictWriter(fh, FIELDS).writerows(self.history)
-                else:
-                    fh.writelines(json.dumps(r) + "\n" for r in self.history)
-            os.replace(tmp, self.path)
+            buf = io.StringIO(newline="")
+            if self.fmt == "csv":
+                buf.write(",".join(FIELDS) + "\n")
+                csv.DictWriter(buf, FIELDS).writerows(self.history)
+            else:
+                buf.writelines(json.dumps(r) + "\n" for r in self.history)
+            atomic_write_text(self.path, buf.getvalue())
 
     def column(self, key: str, group: str | int = 0) -> list[float]:
         """The recorded values of ``key`` for one group (by name or position), in step order."""
@@ -385,9 +386,4 @@ def plot(history: Sequence[dict] | str | os.PathLike, path: str | os.PathLike) -
     ax_c.axhline(0.0, color="grey", lw=0.5)
     if len({r["group"] for r in rows}) <= 12:
         ax_q.legend(fontsize="small")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    fig.savefig(tmp, format=out.suffix.lstrip(".") or "png")
-    os.replace(tmp, out)
-    return out
+    return atomic_save_figure(fig, path)

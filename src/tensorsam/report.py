@@ -1,4 +1,4 @@
-"""Render results files (written by :func:`tensorsam.runner.write_results`) as Markdown.
+"""Render results files (written by :func:`tensorsam.run.write_results`) as Markdown.
 
 For each results file (or, with ``pool=True``, each task pooled over files) the report has
 
@@ -26,7 +26,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from .runner import atomic_write_text
+from tensorsam.run.io import atomic_write_text
 
 # preferred column order; other numeric metrics follow alphabetically
 METRIC_ORDER = (

@@ -61,7 +61,7 @@ def print_outputs(figures, out: Path, started: float) -> int:
 
 def config_from_args(args):
     """The :class:`CompletionConfig` of the command line (file, then --set, then flags)."""
-    from tensorsam.runner import load_config
+    from tensorsam.run import load_config
     from tensorsam.tasks.completion import CompletionConfig
 
     overrides = overrides_from(args, ("methods", "seeds", "iterations", "protocol"))
@@ -78,9 +78,9 @@ def config_from_args(args):
 def _file_sets(path, key: str) -> bool:
     if path is None:
         return False
-    from tensorsam.runner import _read_config_file
+    from tensorsam.run import read_config_file
 
-    return key in _read_config_file(Path(path))
+    return key in read_config_file(Path(path))
 
 
 def run(args) -> int:

@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from tensorsam.runner import load_config, write_results
+    from tensorsam.run import load_config, write_results
     from tensorsam.tasks.flatness import FlatnessConfig, figures, run_flatness
 
     started = time.time()

@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from tensorsam.runner import load_config, write_results
+    from tensorsam.run import load_config, write_results
     from tensorsam.tasks.toy import ToyConfig, figures, run_toy
 
     started = time.time()

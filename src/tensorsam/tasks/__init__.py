@@ -21,8 +21,6 @@ def figure_grid(rows: int, cols: int, size: tuple[float, float], **kwargs):
 
 def save_figure(fig, out_dir, name: str, dpi: int = 120) -> Path:
     """Save ``fig`` as ``out_dir/name`` (folders created) and return the path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / name
-    fig.savefig(path, dpi=dpi)
-    return path
+    from tensorsam.run.io import atomic_save_figure
+
+    return atomic_save_figure(fig, Path(out_dir) / name, dpi=dpi)

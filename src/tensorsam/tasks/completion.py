@@ -40,7 +40,7 @@ import torch
 from tensorsam.data import load_tensor, make_masks
 from tensorsam.dynamics import NormTracker
 from tensorsam.optim import build_optimizer
-from tensorsam.runner import Loop, atomic_torch_save, load_checkpoint, write_results
+from tensorsam.run import Loop, atomic_torch_save, load_checkpoint, write_results
 from tensorsam.tasks.metrics import scores
 from tensorsam.tensors import get_format
 

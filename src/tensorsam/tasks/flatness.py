@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from tensorsam.runner import load_checkpoint
+from tensorsam.run import load_checkpoint
 from tensorsam.tasks import figure_grid, save_figure
 from tensorsam.tasks.completion import CompletionConfig, contraction_plan, prepare, reconstruct
 from tensorsam.tensors import get_format

@@ -1,0 +1,244 @@
+"""Configs: dataclasses built from defaults, a YAML/TOML/JSON file and ``--set key=value``
+overrides, every value coerced to its annotated type (``Literal`` included), unknown keys refused
+with the valid ones listed."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from tensorsam.run.io import to_jsonable
+
+
+def read_config_file(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text()
+    suffix = path.suffix.lower()
+    import tomllib
+
+    import yaml
+
+    readers = {".yaml": yaml.safe_load, ".yml": yaml.safe_load, ".toml": tomllib.loads, ".json": json.loads}
+    if suffix not in readers:
+        raise ValueError(f"config file {path} must end in .yaml, .yml, .toml or .json")
+    try:
+        data = readers[suffix](text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot parse config file {path}: {err}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(  # noqa: TRY004 - bad file content is a value error for the CLI
+            f"config file {path} must hold a mapping of keys to values at its top level"
+        )
+    return data
+
+
+def _parse_override(item: str) -> tuple[str, str]:
+    key, sep, raw = str(item).partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"--set expects key=value, got {item!r}")
+    return key, raw.strip()
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Coerce ``value`` to the annotated type ``tp`` or raise a ValueError naming ``key``."""
+    bad = ValueError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and (value is None or value in ("None", "none")):
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ValueError:
+                continue
+        raise bad
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ValueError(f"config key {key!r}: expected one of {list(args)}, got {value!r}")
+    if origin in (tuple, list):
+        if isinstance(value, str):  # "42,87,100" from the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
+            value = [_yaml_scalar(v) for v in value]
+        elif not isinstance(value, (list, tuple)):
+            value = [value]
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise ValueError(f"config key {key!r}: expected {len(args)} entries, got {value!r}")
+            items = [_coerce(v, a, key) for v, a in zip(value, args)]
+        else:
+            elem = args[0] if args else Any
+            items = [_coerce(v, elem, key) for v in value]
+        return origin(items)
+    if origin in (dict, Mapping) or tp is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise bad
+        return _build(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, (float, str)):
+            try:
+                as_float = float(value)  # 5e4: YAML 1.1 reads it as a string
+            except ValueError:
+                raise bad from None
+            if as_float.is_integer():
+                return int(as_float)
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # "1e-3": YAML 1.1 reads it as a string
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    if tp is Path or (isinstance(tp, type) and issubclass(tp, os.PathLike)):
+        if isinstance(value, (str, os.PathLike)):
+            return Path(value)
+        raise bad
+    if isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        raise bad
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _yaml_scalar(raw: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)} for {cls.__name__}; "
+            f"valid keys: {', '.join(prefix + k for k in sorted(fields))}"
+        )
+    hints = _field_types(cls)
+    kwargs = {name: _coerce(v, hints.get(name, Any), prefix + name) for name, v in values.items()}
+    return cls(**kwargs)
+
+
+def _field_types(cls) -> dict:
+    """Resolved field annotations; an unresolvable one (a TYPE_CHECKING-only name) counts as Any."""
+    try:
+        return typing.get_type_hints(cls)
+    except (NameError, TypeError):
+        return {f.name: (Any if isinstance(f.type, str) else f.type) for f in dataclasses.fields(cls)}
+
+
+def load_config(cls, path=None, overrides: Iterable[str] = ()):
+    """Build the dataclass ``cls`` from its defaults, a config file, then ``key=value`` overrides.
+
+    ``path`` is a ``.yaml``/``.yml``/``.toml``/``.json`` file holding a top-level mapping.
+    Override values are parsed as YAML scalars (``1e-3``, ``[8,6,8]``, ``true``); a
+    comma-separated string is accepted for list/tuple fields (``seeds=42,87,100``); a
+    dotted key (``opt.lr=0.1``) reaches into a nested dataclass field.  Unknown keys raise
+    a ``ValueError`` listing the valid ones; a value of the wrong type raises one naming the key.
+    """
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"load_config expects a dataclass type, got {cls!r}")
+    values: dict = {}
+    if path is not None:
+        values.update(read_config_file(Path(path)))
+    hints = _field_types(cls)
+    for item in overrides or ():
+        key, raw = _parse_override(item)
+        parsed = raw if hints.get(key.split(".")[0]) is str else _yaml_scalar(raw)
+        target = values
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = target.get(p)
+            if not isinstance(node, dict):
+                node = {}
+                target[p] = node
+            target = node
+        target[leaf] = parsed
+    return _build(cls, values)
+
+
+def add_config_arguments(parser) -> None:
+    """Add ``--config FILE`` and repeatable ``--set key=value`` to an argparse parser."""
+    parser.add_argument("--config", default=None, metavar="FILE", help="YAML/TOML/JSON file of config values")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config value (repeatable), e.g. --set lr=1e-3 --set rank=[8,6,8]",
+    )
+
+
+def config_from_args(cls, args, **explicit):
+    """The config from ``args.config`` and ``args.overrides``; ``explicit`` (dedicated flags
+    such as ``--iterations``, None = not given) are applied last, as if given with ``--set``."""
+    config = getattr(args, "config", None)
+    overrides = list(getattr(args, "overrides", None) or [])
+    cfg = load_config(cls, config, overrides)
+    given = {k: v for k, v in explicit.items() if v is not None}
+    if not given:
+        return cfg
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
+    unknown = sorted(set(given) - set(values))
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(values))}"
+        )
+    hints = _field_types(cls)
+    values.update({k: _coerce(v, hints.get(k, Any), k) for k, v in given.items()})
+    return cls(**values)
+
+
+def config_to_dict(cfg) -> dict:
+    """A JSON-ready dict of a config dataclass (tuples become lists, paths strings)."""
+    if not (dataclasses.is_dataclass(cfg) and not isinstance(cfg, type)) and not isinstance(cfg, Mapping):
+        raise TypeError(f"config_to_dict expects a dataclass instance or mapping, got {type(cfg).__name__}")
+    return to_jsonable(cfg)
+
+

@@ -1,0 +1,236 @@
+"""The resumable clock shared by every task.
+
+A task writes its training loop as ``for it in Loop(total, state=..., checkpoint=..., resume=...)``.
+The loop saves every object in ``state`` (anything with ``state_dict``/``load_state_dict``), the
+torch/numpy/python RNG states, the iteration counter and a user dict ``loop.extra`` atomically
+every ``every`` iterations, at the end, and on SIGINT/SIGTERM.  Resuming continues to a
+bit-identical result on the CPU, because the process state that decides the next step
+(parameters, optimizer moments, RNG streams) is exactly what was saved at an iteration boundary.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tensorsam.run.io import atomic_torch_save, load_checkpoint
+from tensorsam.run.provenance import rng_state, set_rng_state
+
+CHECKPOINT_FORMAT = "tensorsam-loop-1"
+
+
+def _plain(obj: Any) -> Any:
+    """numpy scalars and arrays in ``loop.extra`` become python numbers and tensors."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    return obj
+
+
+def _rate_column():
+    """A progress-bar column showing iterations per second."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task):
+            speed = task.finished_speed or task.speed
+            return Text("-- it/s" if not speed else f"{speed:,.0f} it/s", style="progress.data.speed")
+
+    return RateColumn()
+
+
+def _fmt_metric(v: Any) -> str:
+    if isinstance(v, torch.Tensor):
+        v = v.detach().float().cpu().item() if v.numel() == 1 else v.detach().cpu().tolist()
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+class Loop:
+    """Iterate ``start .. total-1`` with atomic checkpoints, resume, signals and a progress bar.
+
+    ``state`` maps names to objects with ``state_dict()``/``load_state_dict()`` (modules,
+    optimizers, schedulers, trackers).  With ``resume=True`` and an existing ``checkpoint``,
+    their states, ``extra`` and the iteration counter are restored here and the RNG states
+    when iteration starts, so the loop continues exactly where the saved run stopped.
+    Without ``resume`` an existing checkpoint is overwritten by the new run.
+
+    A checkpoint is saved after every ``every``-th iteration and after the last one.  On
+    SIGINT/SIGTERM the loop finishes the current iteration, saves, restores the previous
+    handlers and raises ``KeyboardInterrupt``; a second signal interrupts at once.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        *,
+        state: dict,
+        checkpoint=None,
+        every: int = 1000,
+        resume: bool = False,
+        desc: str = "",
+        progress: bool = True,
+    ):
+        if isinstance(total, bool) or not isinstance(total, int) or total < 0:
+            raise ValueError(f"total must be a non-negative int, got {total!r}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive int, got {every!r}")
+        for name, obj in state.items():
+            if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+                raise ValueError(f"state entry {name!r} has no state_dict()/load_state_dict()")
+        self.total = total
+        self.state = dict(state)
+        self.checkpoint = None if checkpoint is None else Path(checkpoint)
+        self.every = every
+        self.desc = desc
+        self.progress = progress
+        self.extra: dict = {}
+        self.metrics: dict = {}
+        self.start = 0
+        self.iteration = 0
+        self.resumed = False
+        self._rng: dict | None = None
+        self._signal: int | None = None
+        self._verified = False
+        if resume and self.checkpoint is not None and self.checkpoint.exists():
+            self._restore(load_checkpoint(self.checkpoint))
+        self.iteration = self.start
+
+    # ---- checkpoint content
+    def state_dict(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "iteration": self.iteration,
+            "total": self.total,
+            "state": {name: obj.state_dict() for name, obj in self.state.items()},
+            "rng": rng_state(),
+            "extra": _plain(self.extra),
+        }
+
+    def _restore(self, ckpt: dict) -> None:
+        where = self.checkpoint
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{where} is not a tensorsam loop checkpoint (format {ckpt.get('format')!r})")
+        saved = set(ckpt["state"])
+        if saved != set(self.state):
+            raise ValueError(
+                f"checkpoint {where} holds state {sorted(saved)}, but this run has {sorted(self.state)}"
+            )
+        if ckpt["iteration"] > self.total:
+            raise ValueError(
+                f"checkpoint {where} is at iteration {ckpt['iteration']}, beyond this run's total {self.total}"
+            )
+        for name, obj in self.state.items():
+            obj.load_state_dict(ckpt["state"][name])
+        self.extra = dict(ckpt.get("extra") or {})
+        self._rng = ckpt["rng"]
+        self.start = int(ckpt["iteration"])
+        self.resumed = True
+
+    def save(self) -> None:
+        """Write a checkpoint of the current state now (no-op without a checkpoint path).
+
+        The first save of a loop reads the file back with ``weights_only=True`` before it
+        replaces anything, so state that could not be resumed from (an arbitrary Python object
+        in a ``state_dict`` or in ``extra``) is reported at once, not at resume time.
+        """
+        if self.checkpoint is None:
+            return
+        atomic_torch_save(self.state_dict(), self.checkpoint, verify=not self._verified)
+        self._verified = True
+
+    # ---- metrics
+    def log(self, **metrics) -> None:
+        """Remember metrics to show in the progress bar; tensors are only read at refresh time."""
+        self.metrics.update(metrics)
+
+    # ---- signals
+    def _handler(self, signum, frame):
+        if self._signal is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self._signal = signum
+
+    def _install(self) -> dict:
+        if self.checkpoint is None or threading.current_thread() is not threading.main_thread():
+            return {}
+        old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, self._handler)
+        return old
+
+    # ---- iteration
+    def __iter__(self) -> Iterator[int]:
+        if self._rng is not None:
+            set_rng_state(self._rng)
+            self._rng = None
+        old = self._install()
+        bar = task = None
+        try:
+            if self.progress and self.start < self.total:
+                from rich.console import Console
+                from rich.progress import (
+                    BarColumn,
+                    MofNCompleteColumn,
+                    Progress,
+                    TextColumn,
+                    TimeElapsedColumn,
+                    TimeRemainingColumn,
+                )
+
+                bar = Progress(
+                    TextColumn("{task.description}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    _rate_column(),
+                    TimeElapsedColumn(),
+                    TimeRemainingColumn(),
+                    TextColumn("{task.fields[metrics]}"),
+                    console=Console(stderr=True),
+                    auto_refresh=False,
+                    transient=False,
+                )
+                bar.start()
+                task = bar.add_task(self.desc, total=self.total, completed=self.start, metrics="")
+            next_refresh = 0.0
+            for i in range(self.start, self.total):
+                yield i
+                self.iteration = i + 1
+                if bar is not None:
+                    now = time.perf_counter()
+                    if now >= next_refresh or self.iteration == self.total:
+                        text = " ".join(f"{k}={_fmt_metric(v)}" for k, v in self.metrics.items())
+                        bar.update(task, completed=self.iteration, metrics=text)
+                        bar.refresh()
+                        next_refresh = now + 0.2
+                if self._signal is not None:
+                    self.save()
+                    raise KeyboardInterrupt(
+                        f"stopped by signal {signal.Signals(self._signal).name} after iteration "
+                        f"{self.iteration}; checkpoint saved to {self.checkpoint}"
+                    )
+                if self.iteration % self.every == 0 or self.iteration == self.total:
+                    self.save()
+            if self.start == self.total and self.checkpoint is not None and not self.resumed:
+                self.save()  # a zero-length run still leaves a checkpoint
+        finally:
+            if bar is not None:
+                bar.stop()
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+            self._signal = None
+
+
