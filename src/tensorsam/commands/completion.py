@@ -6,6 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
+from tensorsam.run.config import add_config_arguments, overrides_from
+
 # The paper's full protocol (50 000 iterations x 3 seeds x 5 methods) takes ~10-25 minutes here
 # (see docs/results/e1.md). With neither --seeds nor --iterations (nor either key in --config/--set)
 # the command runs it for the first mask seed only: converged, about 3 minutes on 2 CPU cores.
@@ -35,28 +37,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--merge", nargs="+", metavar="DIR",
                    help="instead of running: merge these output dirs (same config, other seeds) into --out")
-
-
-def add_config_arguments(p: argparse.ArgumentParser, config_name: str) -> None:
-    """``--config FILE`` and repeatable ``--set KEY=VALUE`` (shared by completion, toy, flatness)."""
-    p.add_argument("--config", help=f"YAML/TOML/JSON file of {config_name} keys")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (repeatable), e.g. --set rho=0.05")
-
-
-def overrides_from(args, keys) -> list[str]:
-    """``--set`` overrides followed by ``key=value`` for each flag in ``keys`` that was given."""
-    overrides = list(args.overrides)
-    overrides += [f"{key}={getattr(args, key)}" for key in keys if getattr(args, key) is not None]
-    return overrides
-
-
-def print_outputs(figures, out: Path, started: float) -> int:
-    """Name the figures and results file a command wrote; returns the exit status 0."""
-    for path in figures:
-        print(f"wrote {path}")
-    print(f"wrote {out / 'results.json'} ({time.time() - started:.1f} s)")
-    return 0
 
 
 def config_from_args(args):

@@ -6,7 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
-from tensorsam.commands.completion import add_config_arguments, overrides_from, print_outputs
+from tensorsam.commands import print_outputs
+from tensorsam.run.config import add_config_arguments, overrides_from
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -13,8 +13,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from tensorsam.run.io import to_jsonable
-
 
 def read_config_file(path: Path) -> dict:
     if not path.is_file():
@@ -202,9 +200,9 @@ def load_config(cls, path=None, overrides: Iterable[str] = ()):
     return _build(cls, values)
 
 
-def add_config_arguments(parser) -> None:
-    """Add ``--config FILE`` and repeatable ``--set key=value`` to an argparse parser."""
-    parser.add_argument("--config", default=None, metavar="FILE", help="YAML/TOML/JSON file of config values")
+def add_config_arguments(parser, config_name: str = "config") -> None:
+    """Add ``--config FILE`` and repeatable ``--set key=value`` to an argparse parser (every command)."""
+    parser.add_argument("--config", default=None, metavar="FILE", help=f"YAML/TOML/JSON file of {config_name} keys")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -213,6 +211,13 @@ def add_config_arguments(parser) -> None:
         metavar="KEY=VALUE",
         help="override one config value (repeatable), e.g. --set lr=1e-3 --set rank=[8,6,8]",
     )
+
+
+def overrides_from(args, keys) -> list[str]:
+    """``--set`` overrides followed by ``key=value`` for each dedicated flag in ``keys`` that was given."""
+    overrides = list(args.overrides)
+    overrides += [f"{key}={getattr(args, key)}" for key in keys if getattr(args, key) is not None]
+    return overrides
 
 
 def config_from_args(cls, args, **explicit):
@@ -239,6 +244,8 @@ def config_to_dict(cfg) -> dict:
     """A JSON-ready dict of a config dataclass (tuples become lists, paths strings)."""
     if not (dataclasses.is_dataclass(cfg) and not isinstance(cfg, type)) and not isinstance(cfg, Mapping):
         raise TypeError(f"config_to_dict expects a dataclass instance or mapping, got {type(cfg).__name__}")
+    from tensorsam.run.io import to_jsonable
+
     return to_jsonable(cfg)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from tensorsam.run.io import atomic_torch_save, load_checkpoint
-from tensorsam.run.provenance import rng_state, set_rng_state
+from tensorsam.run.meta import rng_state, set_rng_state
 
 CHECKPOINT_FORMAT = "tensorsam-loop-1"
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 from tensorsam.run.config import config_to_dict
 from tensorsam.run.io import atomic_write_json, to_jsonable
-from tensorsam.run.provenance import provenance
+from tensorsam.run.meta import provenance
 
 _RESERVED = ("task", "config", "runs", "provenance", "wall_seconds")
 
