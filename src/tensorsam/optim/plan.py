@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from tensorsam.norms import StackedLayout, acc_dtype, norms, segments
+from tensorsam.norms import StackedLayout, acc_dtype, segments
 
 
 def per_core_values(param_groups: list[dict], group_index: Sequence[int], value, like: torch.Tensor) -> torch.Tensor:
@@ -76,10 +76,6 @@ class GroupPlan:
         if key not in self._layouts:
             self._layouts[key] = StackedLayout(tensors)
         return self._layouts[key]
-
-    def norms(self, tensors: Sequence[torch.Tensor], foreach: bool) -> torch.Tensor:
-        """:func:`~tensorsam.norms.norms` of a list laid out like the cores (or cores + gradients)."""
-        return norms(tensors, foreach, self.layout(tensors) if foreach else None)
 
     def factor_buffer(self, like: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """A persistent per-core buffer, in ``like``'s accumulation dtype, and its 0-dim views (see
