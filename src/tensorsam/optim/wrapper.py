@@ -214,7 +214,10 @@ class WrappedOptimizer(torch.optim.Optimizer):
         """True for the call ``torch.distributed.checkpoint`` makes to create optimizer state:
         ``step()`` with no state yet and lr 0 in every param group.  Such a step runs only the
         base step (creating its state, moving nothing) and counts nothing."""
-        return not self.state and all(float(g.get("lr", 0.0)) == 0.0 for g in self.param_groups)
+        def zero(lr) -> bool:   # a device tensor lr is never read (that would sync): not this call
+            return not (isinstance(lr, torch.Tensor) and lr.device.type != "cpu") and float(lr) == 0.0
+
+        return not self.state and all(zero(g.get("lr", 0.0)) for g in self.param_groups)
 
     def _base_step(self) -> None:
         """The base step and the step counter: the one place either happens."""
