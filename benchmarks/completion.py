@@ -58,16 +58,23 @@ def our_loop(method, cfg, values, masks, seed):
     return obj.step_fn(method, opt)
 
 
-def measure(makers: dict, iterations: int, rounds: int = 10) -> dict:
-    """Setup (+ compilation) and warm-up time of each variant, then ``iterations`` timed steps of
-    each, interleaved in ``rounds`` chunks so that every variant sees the same machine load."""
+def build_and_warm(makers: dict, warmup: int) -> tuple[dict, dict]:
+    """Build each variant's step callable and run ``warmup`` steps (compilation included); returns
+    (steps, seconds of setup + warm-up per variant)."""
     steps, setup = {}, {}
     for name, make in makers.items():
         t0 = time.perf_counter()
         steps[name] = make()
-        for _ in range(WARMUP):
+        for _ in range(warmup):
             steps[name]()
         setup[name] = time.perf_counter() - t0
+    return steps, setup
+
+
+def measure(makers: dict, iterations: int, rounds: int = 10) -> dict:
+    """Setup (+ compilation) and warm-up time of each variant, then ``iterations`` timed steps of
+    each, interleaved in ``rounds`` chunks so that every variant sees the same machine load."""
+    steps, setup = build_and_warm(makers, WARMUP)
     spent = dict.fromkeys(makers, 0.0)
     chunk = max(1, iterations // rounds)
     for _ in range(rounds):

@@ -54,6 +54,15 @@ def tree_commit(tree: Path) -> str:
     return f"{commit[:12]}{' + uncommitted changes' if dirty else ''}"
 
 
+def load(path: Path, name: str):
+    """A script imported as a module by file path."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def import_tree(tree: Path):
     """``<tree>/src`` first on sys.path; the two benchmark scripts as modules."""
     sys.path.insert(0, str(tree / "src"))
@@ -62,14 +71,7 @@ def import_tree(tree: Path):
     where = Path(tensorsam.__file__).resolve()
     if not where.is_relative_to((tree / "src").resolve()):
         raise SystemExit(f"error: tensorsam imported from {where}, not from {tree / 'src'}")
-    mods = {}
-    for name in ("optim", "completion"):
-        path = tree / "benchmarks" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-        mods[name] = mod
+    mods = {name: load(tree / "benchmarks" / f"{name}.py", f"bench_{name}") for name in ("optim", "completion")}
     return tensorsam, mods["optim"], mods["completion"]
 
 
@@ -134,13 +136,9 @@ def completion_spread(bench, quick: bool, rounds: int, block: int, warmup: int, 
         "sam": lambda: bench.our_loop("sam", cfg, values, m, 42),
         "das": lambda: bench.our_loop("das", cfg, values, m, 42),
     }
-    steps, setup = {}, {}
-    for name, make in makers.items():
-        t0 = time.perf_counter()
-        steps[name] = make()
-        for _ in range(warmup):
-            steps[name]()
-        setup[name] = time.perf_counter() - t0
+    # this script's own build_and_warm: it only calls the tree's step makers, and older trees lack it
+    own = load(Path(__file__).resolve().parent / "completion.py", "bench_completion_own")
+    steps, setup = own.build_and_warm(makers, warmup)
     names = list(steps)
     per_step = {n: [] for n in names}
     for i in range(rounds):
