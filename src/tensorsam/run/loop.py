@@ -10,7 +10,9 @@ bit-identical result on the CPU, because the process state that decides the next
 
 from __future__ import annotations
 
+import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -58,6 +60,25 @@ def _fmt_metric(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+class _LineProgress:
+    """Progress for a log that is not a terminal: one plain line (under 100 columns) every
+    ``seconds`` and at the end, instead of a bar redrawn in place."""
+
+    def __init__(self, desc: str, total: int, start: int, seconds: float = 30.0):
+        self.desc, self.total, self.seconds = desc or "run", total, seconds
+        self.t0, self.start, self.next = time.perf_counter(), start, time.perf_counter() + seconds
+
+    def update(self, done: int, metrics: dict) -> None:
+        now = time.perf_counter()
+        if now < self.next and done < self.total:
+            return
+        self.next = now + self.seconds
+        rate = (done - self.start) / max(now - self.t0, 1e-9)
+        text = " ".join(f"{k}={_fmt_metric(v)}" for k, v in metrics.items())
+        line = f"{self.desc} {done}/{self.total} ({100 * done / self.total:.0f}%) {rate:,.1f} it/s {text}"
+        print(line[:100], file=sys.stderr, flush=True)
 
 
 class Loop:
@@ -144,14 +165,20 @@ class Loop:
     def save(self) -> None:
         """Write a checkpoint of the current state now (no-op without a checkpoint path).
 
-        The first save of a loop reads the file back with ``weights_only=True`` before it
+        Under ``torch.distributed`` rank 0 writes and every rank waits for it (a barrier); the RNG
+        states saved are rank 0's.  The first save of a loop reads the file back with ``weights_only=True`` before it
         replaces anything, so state that could not be resumed from (an arbitrary Python object
         in a ``state_dict`` or in ``extra``) is reported at once, not at resume time.
         """
         if self.checkpoint is None:
             return
-        atomic_torch_save(self.state_dict(), self.checkpoint, verify=not self._verified)
+        dist = torch.distributed
+        distributed = dist.is_available() and dist.is_initialized()
+        if not distributed or dist.get_rank() == 0:
+            atomic_torch_save(self.state_dict(), self.checkpoint, verify=not self._verified)
         self._verified = True
+        if distributed:
+            dist.barrier()          # every rank resumes from the file rank 0 has finished writing
 
     # ---- metrics
     def log(self, **metrics) -> None:
@@ -178,9 +205,12 @@ class Loop:
             set_rng_state(self._rng)
             self._rng = None
         old = self._install()
-        bar = task = None
+        bar = task = lines = None
         try:
-            if self.progress and self.start < self.total:
+            tty = sys.stderr.isatty()
+            if self.progress and self.start < self.total and not tty:
+                lines = _LineProgress(self.desc, self.total, self.start)
+            if self.progress and self.start < self.total and tty:
                 from rich.console import Console
                 from rich.progress import (
                     BarColumn,
@@ -199,7 +229,7 @@ class Loop:
                     TimeElapsedColumn(),
                     TimeRemainingColumn(),
                     TextColumn("{task.fields[metrics]}"),
-                    console=Console(stderr=True),
+                    console=Console(stderr=True, width=min(100, shutil.get_terminal_size().columns)),
                     auto_refresh=False,
                     transient=False,
                 )
@@ -209,6 +239,8 @@ class Loop:
             for i in range(self.start, self.total):
                 yield i
                 self.iteration = i + 1
+                if lines is not None:
+                    lines.update(self.iteration, self.metrics)
                 if bar is not None:
                     now = time.perf_counter()
                     if now >= next_refresh or self.iteration == self.total:
