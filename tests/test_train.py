@@ -113,7 +113,7 @@ def test_grad_scaler_gives_the_unscaled_step_and_skips_non_finite_ones():
     assert same(state(plain), state(scaled))
     before = small_net()
     skipped = run(torch.amp.GradScaler("cpu", init_scale=2.0 ** 8), poison=True)
-    params = lambda m: [p.detach() for p in m.parameters()]  # noqa: E731
+    params = lambda m: [p.detach() for p in m.parameters()]
     assert same(params(skipped), params(before))
 
 

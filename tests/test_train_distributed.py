@@ -12,8 +12,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from test_distributed import LR, RHO, WORLD, _free_port, assert_params_close, batches, make_model, params_of
-from test_distributed import per_replica_reference
+from test_distributed import (
+    LR,
+    RHO,
+    WORLD,
+    _free_port,
+    assert_params_close,
+    batches,
+    make_model,
+    params_of,
+    per_replica_reference,
+)
 from torch import nn
 
 from tensorsam.optim import build_optimizer
