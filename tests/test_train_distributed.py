@@ -104,3 +104,50 @@ def test_fit_sam_no_sync_is_the_per_replica_reference(replicas):
     ref, _ = per_replica_reference(batches())
     for out in replicas:
         assert_params_close(out["sam_no_sync"], ref)
+
+
+TORCHRUN_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_distributed import make_model
+from test_train_distributed import train_in
+from tensorsam.train import cleanup, setup, wrap
+info = setup("cpu")
+torch.set_num_threads(1)
+params = train_in(wrap(make_model(), info), {ckpt!r}, resume={resume})
+torch.save(params, {out!r}.format(info.rank))
+assert info.world_size == 2
+cleanup()
+"""
+
+
+def train_in(model, checkpoint, resume, batch_size=8):
+    """SGD through ``fit`` with a checkpoint every step (rank 0 writes, every rank waits)."""
+    from test_distributed import params_of as params
+
+    opt = build_optimizer("sgd", model.parameters(), lr=LR, momentum=0.9)
+    fit(model, opt, dataset(), epochs=2, batch_size=batch_size, loss_fn=F.mse_loss, seed=SEED, progress=False,
+        checkpoint=checkpoint, checkpoint_every=1, resume=resume)
+    return params(model)
+
+
+@pytest.mark.slow
+def test_torchrun_setup_wraps_in_ddp_and_rank0_checkpoints(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ckpt, out = tmp_path / "run.ckpt", str(tmp_path / "rank{}.pt")
+    script = tmp_path / "job.py"
+    script.write_text(TORCHRUN_SCRIPT.format(tests=str(Path(__file__).parent), ckpt=str(ckpt), out=out,
+                                             resume=False))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(_free_port()), str(script)]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(out.format(r)) for r in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*ranks))          # DDP kept the replicas identical
+    assert_params_close(ranks[0], train_in(make_model(), None, False, batch_size=16))  # = one process
+    from tensorsam.run import load_checkpoint
+
+    assert load_checkpoint(ckpt)["iteration"] == 6                   # 2 epochs x 3 steps, written once
