@@ -1,13 +1,12 @@
 import math
-import sys
 import time
-import types
 
 import pytest
 
 from tensorsam.cli import main
 from tensorsam.report import format_cell, load_results, make_report, metric_label, summarize
 from tensorsam.run import write_results
+from tensorsam.tasks.registry import TASKS, Task
 
 TRAIN = {"adam": [0.949, 0.951, 0.950], "sam": [0.948, 0.9485, 0.949], "hooi": [0.92, 0.93, 0.925]}
 
@@ -116,10 +115,8 @@ def test_task_figures_are_made_and_linked(tmp_path, monkeypatch):
         path.write_bytes(b"\x89PNG\r\n\x1a\n")
         return [path]
 
-    fake = types.ModuleType("tensorsam.tasks.fakefig")
-    fake.figures = figures
-    monkeypatch.setitem(sys.modules, "tensorsam.tasks.fakefig", fake)
-    monkeypatch.setitem(sys.modules, "tensorsam.tasks.nofig", types.ModuleType("tensorsam.tasks.nofig"))
+    monkeypatch.setitem(TASKS, "fakefig", Task("fakefig", "a task with figures", command="", figures=figures))
+    monkeypatch.setitem(TASKS, "nofig", Task("nofig", "a task without figures", command=""))
     a = _write(tmp_path / "run" / "results.json", task="fakefig")
     b = _write(tmp_path / "none" / "results.json", task="nofig")
     c = _write(tmp_path / "alien" / "results.json", task="no_such_task_module")

@@ -8,8 +8,9 @@ For each results file (or, with ``pool=True``, each task pooled over files) the 
 
 Each cell is ``mean ± std (n)`` over the runs of that method (usually one per seed), with the
 sample standard deviation (ddof = 1).  Non-finite values are left out of the statistics and
-the cell then shows ``(k of n)``.  Figures come from ``tensorsam.tasks.<task>.figures`` when
-the task module provides one.  A results file may name the run fields to group by in a
+the cell then shows ``(k of n)``.  Figures come from the task registry
+(:mod:`tensorsam.tasks.registry`) when the file's task is registered with a figures function.  A
+results file may name the run fields to group by in a
 top-level ``"group_by"`` list (for example ``["method", "noise"]``); the default groups by
 ``method``.  Optional top-level ``"notes"`` (a string or list of strings) are quoted under the
 tables, and ``"reference"`` (published numbers, see :func:`reference_table`) adds a table of
@@ -18,7 +19,6 @@ our means against them in units of the published standard deviation.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -64,7 +64,8 @@ def load_results(path) -> dict:
     reference = data.get("reference")
     if reference is not None and not _valid_reference(reference):
         raise ValueError(
-            f"results file {path}: 'reference' must be {{'source': str, 'values': {{method: {{metric: [mean, std]}}}}}}"
+            f"results file {path}: 'reference' must be "
+            "{'source': str, 'values': {method: {metric: [mean, std]}}}"
         )
     group_by = data.get("group_by")
     if group_by is not None and not (
@@ -123,8 +124,8 @@ def summarize(
     """Group runs by method; return (methods, metrics, {(method, metric): (mean, std, k, n)}).
 
     Runs are grouped by ``group_by`` (run fields, e.g. ``["method", "noise"]``) when given,
-    else by the first of ``method``/``name``/``label`` they have.  ``k`` counts the finite values used, ``n`` the method's runs; ``std`` is the sample
-    standard deviation (NaN when k < 2).
+    else by the first of ``method``/``name``/``label`` they have.  ``k`` counts the finite values
+    used, ``n`` the method's runs; ``std`` is the sample standard deviation (NaN when k < 2).
     """
     methods: list[str] = []
     groups: dict[str, list[dict]] = {}
@@ -241,18 +242,12 @@ def _config_block(config) -> str:
 
 
 def task_figures(results: dict, out_dir: Path) -> list[Path]:
-    """Call ``tensorsam.tasks.<task>.figures(results, out_dir)`` if that function exists."""
-    task = str(results.get("task", ""))
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", task):
-        return []
-    name = f"tensorsam.tasks.{task}"
-    try:
-        module = importlib.import_module(name)
-    except ModuleNotFoundError as err:
-        if err.name in (name, "tensorsam.tasks"):
-            return []
-        raise
-    fn = getattr(module, "figures", None)
+    """The figures of the registered task named by the results file (:mod:`tensorsam.tasks.registry`),
+    made in ``out_dir``; none for a task that is not registered or has no figures."""
+    from tensorsam.tasks.registry import TASKS
+
+    task = TASKS.get(str(results.get("task", "")))
+    fn = None if task is None else task.get("figures")
     if fn is None:
         return []
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
-from tensorsam.run.config import add_config_arguments, overrides_from
+from tensorsam.commands import add_task_arguments, run_task, task_config
+from tensorsam.run.config import overrides_from
 
 # The paper's full protocol (50 000 iterations x 3 seeds x 5 methods) takes ~10-25 minutes here
 # (see docs/results/e1.md). With neither --seeds nor --iterations (nor either key in --config/--set)
@@ -27,31 +29,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         f"{QUICK_HOOI_ITERATIONS} sweeps unless hooi_iterations is set."
     )
     p.add_argument("--methods", help="comma-separated: hooi,adam,sam,das,rebalance (default: all)")
-    p.add_argument("--seeds", help="comma-separated mask seeds (paper: 42,87,100; default 42 when --iterations is not given either)")
+    p.add_argument("--seeds", help="comma-separated mask seeds (paper: 42,87,100; default 42 when "
+                                   "--iterations is not given either)")
     p.add_argument("--iterations", type=int, help="training steps (default and paper: 50000)")
     p.add_argument("--protocol", choices=["paper", "validated"],
                    help="'validated': early stopping and rank selection on a validation split")
-    p.add_argument("--out", default="runs/completion", help="output directory (results.json, solutions.pt)")
-    add_config_arguments(p, "CompletionConfig")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_task_arguments(p, "completion", "results.json, solutions.pt")
     p.add_argument("--merge", nargs="+", metavar="DIR",
                    help="instead of running: merge these output dirs (same config, other seeds) into --out")
 
 
 def config_from_args(args):
     """The :class:`CompletionConfig` of the command line (file, then --set, then flags)."""
-    from tensorsam.run import load_config
-    from tensorsam.tasks.completion import CompletionConfig
-
-    overrides = overrides_from(args, ("methods", "seeds", "iterations", "protocol"))
-    set_keys = {o.partition("=")[0].strip() for o in overrides}
-    cfg = load_config(CompletionConfig, args.config, overrides)
+    flags = ("methods", "seeds", "iterations", "protocol")
+    set_keys = {o.partition("=")[0].strip() for o in overrides_from(args, flags)}
+    cfg = task_config("completion", args, flags)
     if not any(k in set_keys or _file_sets(args.config, k) for k in ("iterations", "seeds")):
-        cfg.seeds = list(DEFAULT_SEEDS)
+        cfg = dataclasses.replace(cfg, seeds=list(DEFAULT_SEEDS))
     hooi_set = "hooi_iterations" in set_keys or _file_sets(args.config, "hooi_iterations")
     if not hooi_set and cfg.iterations < 50000:
-        cfg.hooi_iterations = min(cfg.hooi_iterations, QUICK_HOOI_ITERATIONS)
+        cfg = dataclasses.replace(cfg, hooi_iterations=min(cfg.hooi_iterations, QUICK_HOOI_ITERATIONS))
     return cfg
 
 
@@ -64,7 +61,7 @@ def _file_sets(path, key: str) -> bool:
 
 
 def run(args) -> int:
-    from tensorsam.tasks.completion import run_completion, summary_lines
+    from tensorsam.tasks.completion import summary_lines
 
     started = time.time()
     if args.merge:
@@ -75,9 +72,4 @@ def run(args) -> int:
             print(line)
         print(f"wrote {Path(args.out) / 'results.json'}")
         return 0
-    cfg = config_from_args(args)
-    result = run_completion(cfg, args.out, resume=args.resume, progress=not args.no_progress, started=started)
-    for line in summary_lines(result["runs"]):
-        print(line)
-    print(f"wrote {Path(args.out) / 'results.json'} ({time.time() - started:.1f} s)")
-    return 0
+    return run_task("completion", config_from_args(args), args, started, figures=False)

@@ -4,30 +4,18 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-from tensorsam.commands import print_outputs
-from tensorsam.run.config import add_config_arguments, overrides_from
+from tensorsam.commands import add_task_arguments, run_task, task_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noises", help="comma-separated noise levels (default 0,0.5,1,2)")
+    p.add_argument("--methods", help="comma-separated: gd,sam (default both)")
     p.add_argument("--iterations", type=int, help="steps per run (default 10000)")
-    p.add_argument("--out", default="runs/toy", help="output directory (results.json, fig1_toy.png)")
-    add_config_arguments(p, "ToyConfig")
+    add_task_arguments(p, "toy", "results.json, fig1_toy.png")
 
 
 def run(args) -> int:
-    from tensorsam.run import load_config, write_results
-    from tensorsam.tasks.toy import ToyConfig, figures, run_toy
-
     started = time.time()
-    overrides = overrides_from(args, ("noises", "iterations"))
-    cfg = load_config(ToyConfig, args.config, overrides)
-    result = run_toy(cfg)
-    out = Path(args.out)
-    results = write_results(out / "results.json", task="toy", config=cfg, runs=result["runs"], started=started)
-    for r in result["runs"]:
-        print(f"{r['label']:<18} Q {r['Q_initial']:.4g} -> {r['Q_final']:.4g} (x{r['Q_ratio']:.3f})  "
-              f"final loss {r['final_loss']:.4g}")
-    return print_outputs(figures(results, out), out, started)
+    cfg = task_config("toy", args, ("noises", "methods", "iterations"))
+    return run_task("toy", cfg, args, started)

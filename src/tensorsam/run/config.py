@@ -1,6 +1,13 @@
 """Configs: dataclasses built from defaults, a YAML/TOML/JSON file and ``--set key=value``
 overrides, every value coerced to its annotated type (``Literal`` included), unknown keys refused
-with the valid ones listed."""
+with the valid ones listed.
+
+A task's config gives each field ``dataclasses.field(metadata=...)``: :data:`AFFECTS` or
+:data:`NEUTRAL` (``{"affects_results": bool}``: whether it changes results), or :func:`axis` for a
+list that spans a grid of runs (also ``"grid"``: the run-record key of that axis).
+:func:`result_fields` and :func:`grid_fields` read them back; :func:`check_choices` refuses a value
+outside a ``Literal`` in ``__post_init__``.
+"""
 
 from __future__ import annotations
 
@@ -47,8 +54,9 @@ def _parse_override(item: str) -> tuple[str, str]:
     return key, raw.strip()
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Coerce ``value`` to the annotated type ``tp`` or raise a ValueError naming ``key``."""
+def _coerce(value: Any, tp: Any, key: str, item: bool = False) -> Any:
+    """Coerce ``value`` to the annotated type ``tp`` or raise a ValueError naming ``key``
+    (``item``: ``value`` is one entry of the list field ``key``)."""
     bad = ValueError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r}")
     if tp is Any:
         return value
@@ -68,7 +76,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is typing.Literal:
         if value in args:
             return value
-        raise ValueError(f"config key {key!r}: expected one of {list(args)}, got {value!r}")
+        raise ValueError(f"config key {key!r}: {_unknown(key, value, args, item)}")
     if origin in (tuple, list):
         if isinstance(value, str):  # "42,87,100" from the command line
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -81,7 +89,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             items = [_coerce(v, a, key) for v, a in zip(value, args)]
         else:
             elem = args[0] if args else Any
-            items = [_coerce(v, elem, key) for v in value]
+            items = [_coerce(v, elem, key, item=True) for v in value]
         return origin(items)
     if origin in (dict, Mapping) or tp is dict:
         if not isinstance(value, dict):
@@ -134,6 +142,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise bad
     return value
+
+
+def _unknown(key: str, value: Any, options, item: bool) -> str:
+    """``unknown method 'x'; expected one of [...]``: the singular of a list field names its entries."""
+    what = key.rsplit(".", 1)[-1]
+    what = what[:-1] if item and what.endswith("s") else what
+    return f"unknown {what} {value!r}; expected one of {list(options)}"
 
 
 def _type_name(tp: Any) -> str:
@@ -202,7 +217,8 @@ def load_config(cls, path=None, overrides: Iterable[str] = ()):
 
 def add_config_arguments(parser, config_name: str = "config") -> None:
     """Add ``--config FILE`` and repeatable ``--set key=value`` to an argparse parser (every command)."""
-    parser.add_argument("--config", default=None, metavar="FILE", help=f"YAML/TOML/JSON file of {config_name} keys")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help=f"YAML/TOML/JSON file of {config_name} keys")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -249,3 +265,57 @@ def config_to_dict(cfg) -> dict:
     return to_jsonable(cfg)
 
 
+# ----------------------------------------------------------------------------- field metadata
+
+
+# ``dataclasses.field(metadata=...)`` of a config field.  A field *changes results* when two runs that
+# differ only in it can write different run records or files (timings aside): the maths, the data,
+# the numerics (dtype, threads and torch.compile change the last bits) and what is recorded (a
+# trace's cadence).  Fields that only change how a run is carried out (checkpoint interval,
+# progress output) do not.
+AFFECTS = types.MappingProxyType({"affects_results": True})
+NEUTRAL = types.MappingProxyType({"affects_results": False})
+
+
+def axis(key: str) -> types.MappingProxyType:
+    """Metadata of a list field that spans a grid of runs (changes results): ``key`` is the grid
+    coordinate's name in a run record (``methods`` -> ``"method"``)."""
+    return types.MappingProxyType({"affects_results": True, "grid": str(key)})
+
+
+def _instance_fields(cfg) -> tuple:
+    if not (dataclasses.is_dataclass(cfg) and not isinstance(cfg, type)):
+        raise TypeError(f"expected a config dataclass instance, got {type(cfg).__name__}")
+    return dataclasses.fields(cfg)
+
+
+def result_fields(cfg, *, grid: bool = True) -> dict:
+    """``{name: value}`` of the fields of ``cfg`` that change results (see :data:`AFFECTS`), in
+    declaration order; a field without the metadata counts as changing them.  ``grid=False``
+    leaves out the grid axes (what one cell of a sweep depends on besides its coordinates)."""
+    return {
+        f.name: getattr(cfg, f.name)
+        for f in _instance_fields(cfg)
+        if f.metadata.get("affects_results", True) and (grid or "grid" not in f.metadata)
+    }
+
+
+def grid_fields(cfg) -> dict[str, str]:
+    """``{field name: run-record key}`` of the list fields of ``cfg`` that span its grid of runs."""
+    return {f.name: f.metadata["grid"] for f in _instance_fields(cfg) if "grid" in f.metadata}
+
+
+def check_choices(cfg) -> None:
+    """Refuse a field value (or list entry) outside its ``Literal`` annotation, with the message
+    :func:`load_config` gives (``unknown model 'x'; expected one of [...]``); for ``__post_init__``."""
+    hints = _field_types(type(cfg))
+    for f in _instance_fields(cfg):
+        tp, value = hints.get(f.name, Any), getattr(cfg, f.name)
+        elem = typing.get_args(tp)[0] if typing.get_origin(tp) in (list, tuple) else None
+        if typing.get_origin(elem) is typing.Literal:
+            options = typing.get_args(elem)
+            for v in value:
+                if v not in options:
+                    raise ValueError(_unknown(f.name, v, options, item=True))
+        elif typing.get_origin(tp) is typing.Literal and value not in typing.get_args(tp):
+            raise ValueError(_unknown(f.name, value, typing.get_args(tp), item=False))

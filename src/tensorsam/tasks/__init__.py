@@ -1,12 +1,18 @@
-"""tensorsam.tasks: one module per experiment (completion E1, toy E2, flatness E3).
+"""tensorsam.tasks: the experiments (completion E1, toy E2, flatness E3) and their registry.
 
-Each module has a config dataclass, a ``run_*`` function returning result records and a
-``figures(results, out_dir)`` used by ``tensorsam report``.
+Each task has a config dataclass, a run function writing a results file, a summary and a
+``figures(results, out_dir)`` used by ``tensorsam report``; :mod:`tensorsam.tasks.registry`
+(:data:`TASKS`, :func:`get_task`) names them for the command line and the report.  Importing this
+package imports no torch.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from tensorsam.tasks.registry import TASKS, Task, get_task, register
+
+__all__ = ["TASKS", "Task", "figure_grid", "get_task", "register", "save_figure"]
 
 
 def figure_grid(rows: int, cols: int, size: tuple[float, float], **kwargs):

@@ -16,55 +16,56 @@ held-out R² are recorded.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
+import typing
+from dataclasses import field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from tensorsam.run import load_checkpoint
+from tensorsam.run import load_checkpoint, write_results
+from tensorsam.run.config import AFFECTS, check_choices
 from tensorsam.tasks import figure_grid, save_figure
-from tensorsam.tasks.completion import CompletionConfig, contraction_plan, prepare, reconstruct
+from tensorsam.tasks.completion import CompletionConfig, contraction_plan, prepare, read_results, reconstruct
+from tensorsam.tasks.completion.config import Method
 from tensorsam.tensors import get_format
 
-DIRECTIONS = ("raw", "filter")
+Direction = Literal["raw", "filter"]
+DIRECTIONS: tuple[str, ...] = typing.get_args(Direction)
 
 
 @dataclasses.dataclass
 class FlatnessConfig:
-    source: str = ""  # a `tensorsam completion --out` directory; empty: run a completion first
-    methods: list[str] = dataclasses.field(default_factory=lambda: ["hooi", "adam", "sam", "das"])
-    seed: int = 42  # mask seed whose solutions are probed
-    directions: list[str] = dataclasses.field(default_factory=lambda: ["raw", "filter"])
-    span: float = 3.0  # d in [-span, span] for the raw direction (unit global norm)
-    filter_span: float = 1.0  # d in [-filter_span, filter_span] for the filter-normalised direction
-    points: int = 101
-    direction_seed: int = 0
-    iterations: int = 5000  # length of the completion run made when there is no source
+    """Settings of the flatness probe; every field changes results (the curves' source, grid and
+    direction).  Bad values are refused on construction."""
 
+    source: str = field(default="", metadata=AFFECTS)  # a `tensorsam completion --out` dir; "": run one
+    methods: list[Method] = field(default_factory=lambda: ["hooi", "adam", "sam", "das"], metadata=AFFECTS)
+    seed: int = field(default=42, metadata=AFFECTS)  # mask seed whose solutions are probed
+    directions: list[Direction] = field(default_factory=lambda: ["raw", "filter"], metadata=AFFECTS)
+    span: float = field(default=3.0, metadata=AFFECTS)  # d in [-span, span], raw direction (unit global norm)
+    filter_span: float = field(default=1.0, metadata=AFFECTS)  # the same for the filter-normalised one
+    points: int = field(default=101, metadata=AFFECTS)
+    direction_seed: int = field(default=0, metadata=AFFECTS)
+    iterations: int = field(default=5000, metadata=AFFECTS)  # of the completion run made without a source
 
-def check_config(cfg: FlatnessConfig) -> None:
-    for d in cfg.directions:
-        if d not in DIRECTIONS:
-            raise ValueError(f"unknown direction {d!r}; expected one of {list(DIRECTIONS)}")
-    if cfg.points < 2:
-        raise ValueError(f"points must be at least 2, got {cfg.points}")
-    if not (cfg.span > 0 and cfg.filter_span > 0):
-        raise ValueError("span and filter_span must be positive")
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse a bad configuration (on construction, and again when a run starts)."""
+        check_choices(self)
+        if self.points < 2:
+            raise ValueError(f"points must be at least 2, got {self.points}")
+        if not (self.span > 0 and self.filter_span > 0):
+            raise ValueError("span and filter_span must be positive")
 
 
 def load_source(path) -> tuple[CompletionConfig, dict]:
     """The completion config and the solutions (tag -> cores) stored in a completion output dir."""
-    path = Path(path)
-    results = path / "results.json"
-    if not results.is_file():
-        raise FileNotFoundError(f"no completion results in {path} (expected {results})")
-    data = json.loads(results.read_text())
-    if data.get("task") != "completion":
-        raise ValueError(f"{results} is a {data.get('task')!r} results file, not a completion one")
-    known = {f.name for f in dataclasses.fields(CompletionConfig)}
-    cfg = CompletionConfig(**{k: v for k, v in data["config"].items() if k in known})
-    return cfg, load_checkpoint(path / "solutions.pt")
+    cfg, _ = read_results(path)
+    return cfg, load_checkpoint(Path(path) / "solutions.pt")
 
 
 def random_direction(shapes, seed: int, dtype) -> list[torch.Tensor]:
@@ -95,18 +96,19 @@ def curve(cores, direction, ts, plan, values, masks) -> dict[str, list[float]]:
     return {"loss": torch.stack(loss).double().tolist(), "heldout_r2": torch.stack(r2).double().tolist()}
 
 
-def run_flatness(cfg: FlatnessConfig, work_dir=None) -> dict:
-    """Curves for every (method, direction); returns ``{"runs": [...], "source": ...}``."""
-    check_config(cfg)
+def run_flatness(cfg: FlatnessConfig, work_dir=None, *, resume: bool = False, progress: bool = False) -> dict:
+    """Curves for every (method, direction); returns ``{"runs": [...], "source": ...}``.  Without
+    ``cfg.source`` a short completion runs first, into ``work_dir`` (``resume``: keep its cells)."""
+    cfg.validate()
     if cfg.source:
         ccfg, solutions = load_source(cfg.source)
     else:
         from tensorsam.tasks.completion import run_completion
 
         ccfg = CompletionConfig(methods=list(cfg.methods), seeds=[cfg.seed], iterations=cfg.iterations)
-        res = run_completion(ccfg, work_dir)
+        res = run_completion(ccfg, work_dir, resume=resume, progress=progress)
         solutions = res["solutions"]
-    ccfg.seeds = [cfg.seed]
+    ccfg = dataclasses.replace(ccfg, seeds=[cfg.seed])
     data, masks = prepare(ccfg)
     dtype = getattr(torch, ccfg.dtype)
     plan = None
@@ -139,6 +141,26 @@ def run_flatness(cfg: FlatnessConfig, work_dir=None) -> dict:
                          "wall_seconds": time.perf_counter() - t0,
                          "trace": {"d": ts.tolist(), **c}})
     return {"runs": runs, "source": cfg.source or str(work_dir)}
+
+
+def run(cfg: FlatnessConfig, out_dir=None, *, resume: bool = False, progress: bool = False,
+        started: float | None = None) -> dict:
+    """:func:`run_flatness` as a task: its completion (without a source) runs in ``out_dir/completion``
+    and ``out_dir/results.json`` is written; returns the results written (or the curves)."""
+    started = time.time() if started is None else started
+    work = None if out_dir is None else Path(out_dir) / "completion"
+    result = run_flatness(cfg, work, resume=resume, progress=progress)
+    if out_dir is None:
+        return result
+    return write_results(Path(out_dir) / "results.json", task="flatness", config=cfg, runs=result["runs"],
+                         extra={"source": result["source"], "group_by": ["method", "direction"]},
+                         started=started)
+
+
+def summary_lines(runs: list[dict]) -> list[str]:
+    """One line per curve: the loss at the solution, its mean rise at d = ±span/3, the held-out R²."""
+    return [f"{r['label']:<18} loss at 0 {r['loss_at_0']:.4g}, mean rise at d=±span/3 "
+            f"{r['loss_rise_at_third']:.4g}, held-out R² at 0 {r['heldout_r2_at_0']:.4g}" for r in runs]
 
 
 def figures(results: dict, out_dir: Path) -> list[Path]:

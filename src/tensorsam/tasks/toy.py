@@ -6,9 +6,9 @@ and N is standard Gaussian noise, by minimising 1/2 ||X^ - Y||_F^2 with plain gr
 descent (GD) or with SAM over GD.  The start is imbalanced (A scaled up, B down, the
 product unchanged).  The norm deviation Q (Eq. 5) and Cov(s, gamma) (Theorem 3) are recorded.
 
-Theory (the DAS paper, Theorems 1-3): under gradient flow Q is conserved (Theorem 1; a finite step changes it by
-O(eta^2)); under SAM dQ/dt = 4 rho u K Cov(s, gamma) + O(rho^2), so Q keeps falling as long as
-the gradients do not vanish, which noise (a residual no rank-r model can fit) ensures.
+Theory (the DAS paper, Theorems 1-3): under gradient flow Q is conserved (Theorem 1; a finite
+step changes it by O(eta^2)); under SAM dQ/dt = 4 rho u K Cov(s, gamma) + O(rho^2), so Q keeps
+falling as long as the gradients do not vanish, which noise (a residual no rank-r model can fit) ensures.
 
 The paper gives no shapes, ranks, step size, rho, noise levels or iteration counts; the
 defaults below are our choice (documented in the README) and every one is configurable.
@@ -18,47 +18,57 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import typing
+from dataclasses import field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from tensorsam.dynamics import NormTracker
+from tensorsam.run import Sweep, result_fields, write_results
+from tensorsam.run.config import AFFECTS, axis, check_choices
 from tensorsam.tasks import figure_grid, save_figure
 from tensorsam.tensors import get_format
 
-METHODS = ("gd", "sam")
+Method = Literal["gd", "sam"]
+METHODS: tuple[str, ...] = typing.get_args(Method)
 
 
 @dataclasses.dataclass
 class ToyConfig:
-    size: int = 30  # n: T and Y are n x n
-    rank: int = 5  # r: rank of T, and the inner sizes of A (n x r), G (r x r), B (r x n)
-    noises: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0])
-    methods: list[str] = dataclasses.field(default_factory=lambda: list(METHODS))
-    iterations: int = 10000
-    lr: float = 0.005  # GD step (small enough that GD stays close to gradient flow)
-    rho: float = 0.05  # SAM radius
-    init_scale: float = 0.3  # std of the entries of A, G, B^T before the imbalance
-    imbalance: float = 3.0  # A <- c A, B <- B / c at the start
-    log_every: int = 50
-    seed: int = 0
-    threads: int = 1  # torch threads (the model is tiny)
+    """Settings of the toy; every field changes results (``log_every`` sets the trace's rows,
+    ``threads`` the last bits); ``noises`` and ``methods`` span the grid of runs."""
 
+    size: int = field(default=30, metadata=AFFECTS)  # n: T and Y are n x n
+    rank: int = field(default=5, metadata=AFFECTS)  # r: rank of T; A is n x r, G r x r, B r x n
+    noises: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0], metadata=axis("noise"))
+    methods: list[Method] = field(default_factory=lambda: list(METHODS), metadata=axis("method"))
+    iterations: int = field(default=10000, metadata=AFFECTS)
+    lr: float = field(default=0.005, metadata=AFFECTS)  # GD step (small: GD stays close to gradient flow)
+    rho: float = field(default=0.05, metadata=AFFECTS)  # SAM radius
+    init_scale: float = field(default=0.3, metadata=AFFECTS)  # std of A, G, B^T entries before the imbalance
+    imbalance: float = field(default=3.0, metadata=AFFECTS)  # A <- c A, B <- B / c at the start
+    log_every: int = field(default=50, metadata=AFFECTS)
+    seed: int = field(default=0, metadata=AFFECTS)
+    threads: int = field(default=1, metadata=AFFECTS)  # torch threads (the model is tiny); 0: leave as is
 
-def check_config(cfg: ToyConfig) -> None:
-    for m in cfg.methods:
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}; expected one of {list(METHODS)}")
-    if not cfg.noises or any(not n >= 0 for n in cfg.noises):
-        raise ValueError(f"noises must be a non-empty list of non-negative numbers, got {cfg.noises}")
-    if cfg.rank < 1 or cfg.size < cfg.rank:
-        raise ValueError(f"need 1 <= rank <= size, got rank {cfg.rank} and size {cfg.size}")
-    for key in ("iterations", "log_every"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"{key} must be positive, got {getattr(cfg, key)}")
-    for key in ("lr", "rho", "init_scale", "imbalance"):
-        if not getattr(cfg, key) > 0:
-            raise ValueError(f"{key} must be positive, got {getattr(cfg, key)}")
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse a bad configuration (on construction, and again when a run starts)."""
+        check_choices(self)
+        if not self.noises or any(not n >= 0 for n in self.noises):
+            raise ValueError(f"noises must be a non-empty list of non-negative numbers, got {self.noises}")
+        if self.rank < 1 or self.size < self.rank:
+            raise ValueError(f"need 1 <= rank <= size, got rank {self.rank} and size {self.size}")
+        for key in ("iterations", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
+        for key in ("lr", "rho", "init_scale", "imbalance"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
 
 
 def make_problem(cfg: ToyConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,14 +132,33 @@ def run_one(cfg: ToyConfig, method: str, noise: float, target: torch.Tensor) -> 
             "final_loss": cols["loss"][-1], "wall_seconds": wall, "trace": cols}
 
 
-def run_toy(cfg: ToyConfig) -> dict:
-    """Every (noise, method) run of ``cfg``; returns ``{"runs": [...]}``."""
-    check_config(cfg)
+def run_toy(cfg: ToyConfig, out_dir=None, *, resume: bool = False, progress: bool = False,
+            started: float | None = None) -> dict:
+    """Every (noise, method) run of ``cfg``; returns ``{"runs": [...], "sweep": ...}``.
+
+    With ``out_dir`` the runs form a :class:`~tensorsam.run.Sweep` there (``resume=True`` keeps
+    the finished ones, so adding a noise level runs only its cells) and ``results.json`` is written.
+    ``progress`` is accepted for the task interface; the toy shows none."""
+    started = time.time() if started is None else started
+    cfg.validate()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     t, n = make_problem(cfg)
-    runs = [run_one(cfg, m, noise, t + noise * n) for noise in cfg.noises for m in cfg.methods]
-    return {"runs": runs}
+    sweep = Sweep({"noise": cfg.noises, "method": cfg.methods}, out_dir, resume=resume,
+                  tag=lambda c: f"{c['method']}_noise{c['noise']:g}", same=result_fields(cfg, grid=False))
+
+    def write(result):
+        write_results(Path(out_dir) / "results.json", task="toy", config=cfg, runs=result.runs,
+                      extra={"group_by": ["method", "noise"], "sweep": result.record()}, started=started)
+
+    result = sweep.run(lambda c: (run_one(cfg, c["method"], c["noise"], t + c["noise"] * n), None), write)
+    return {"runs": result.runs, "sweep": result}
+
+
+def summary_lines(runs: list[dict]) -> list[str]:
+    """One line per run: Q at the start and the end, and the final loss."""
+    return [f"{r['label']:<18} Q {r['Q_initial']:.4g} -> {r['Q_final']:.4g} (x{r['Q_ratio']:.3f})  "
+            f"final loss {r['final_loss']:.4g}" for r in runs]
 
 
 def figures(results: dict, out_dir: Path) -> list[Path]:

@@ -1,0 +1,175 @@
+"""Sweeps: a grid of runs (cells, e.g. method x seed), each resumable on its own, that grows.
+
+``Sweep({"seed": [42, 87], "method": ["adam", "sam"]}, out_dir, resume=True).run(fn, write=...)``
+calls ``fn(cell) -> (record, payload)`` for every cell in grid order (the first axis outermost)
+and returns a :class:`SweepResult`.  Each finished cell is kept at once under
+``out_dir/.work/<tag>.pt``; a cell's own checkpoints go next to it (:meth:`Sweep.checkpoint`).
+At the end the payloads of every cell are written to ``out_dir/<payload_file>`` (a dict tag ->
+payload), ``write(result)`` writes the results file, and ``.work`` is removed.
+
+With ``resume=True`` a cell is not run again when it is finished, either in ``.work`` (an
+interrupted sweep) or in the output dir itself (``results.json`` holds a run whose record has the
+cell's coordinates and the payload file holds its payload): a rerun with more values on an axis
+runs only the new cells.  Cells of an earlier grid that the new one lacks are left out of the
+results (:attr:`SweepResult.dropped` counts them).  ``same`` (the config fields a cell depends on
+besides its coordinates, e.g. :func:`tensorsam.run.config.result_fields` with ``grid=False``)
+must equal those of the earlier results file, else resuming is refused: a grid never mixes runs
+made with different settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tensorsam.run.io import atomic_torch_save, load_checkpoint, to_jsonable
+
+WORK = ".work"
+
+
+@dataclasses.dataclass
+class Cell:
+    """One point of the grid: ``coords`` (axis -> value, as the run record names them) and ``tag``,
+    the file-name-safe name of its files (``adam_seed42``)."""
+
+    coords: dict[str, Any]
+    tag: str
+
+    def __getitem__(self, axis: str) -> Any:
+        return self.coords[axis]
+
+    def matches(self, record: Mapping) -> bool:
+        """Whether ``record`` (a run record) is this cell's run."""
+        return all(axis in record and record[axis] == v for axis, v in self.coords.items())
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """The runs of every cell in grid order, their payloads by tag, and where each came from."""
+
+    runs: list[dict]
+    payloads: dict[str, Any]
+    kept: list[str]  # tags of cells finished by an earlier invocation
+    ran: list[str]  # tags of cells run now
+    dropped: int = 0  # finished runs in the output dir that are not cells of this grid
+
+    def record(self) -> dict:
+        """What a results file keeps of it: ``{"kept": [tags], "ran": [tags], "dropped": n}``."""
+        return {"kept": list(self.kept), "ran": list(self.ran), "dropped": self.dropped}
+
+    def summary(self) -> str:
+        """``4 cells: kept 3 finished earlier, ran 1`` (and what was dropped, if anything)."""
+        text = f"{len(self.runs)} cells: kept {len(self.kept)} finished earlier, ran {len(self.ran)}"
+        return text + (f"; {self.dropped} earlier run(s) not in this grid left out" if self.dropped else "")
+
+
+def default_tag(coords: Mapping[str, Any]) -> str:
+    """``method=adam, seed=42`` -> ``method-adam_seed-42``."""
+    return "_".join(f"{axis}-{value}" for axis, value in coords.items())
+
+
+class Sweep:
+    """A grid of cells over ``axes`` (axis -> values, the first axis outermost); see the module
+    docstring.  Without ``out_dir`` nothing is kept and every cell runs."""
+
+    def __init__(self, axes: Mapping[str, Sequence], out_dir=None, *, resume: bool = False,
+                 tag: Callable[[dict], str] = default_tag, payload_file: str | None = None,
+                 results_file: str = "results.json", same: Mapping[str, Any] | None = None):
+        if not axes:
+            raise ValueError("a sweep needs at least one axis")
+        for axis, values in axes.items():
+            values = list(values)
+            if not values:
+                raise ValueError(f"the grid's axis {axis!r} has no values")
+            twice = sorted({repr(v) for v in values if values.count(v) > 1})
+            if twice:
+                raise ValueError(f"the grid lists {axis} {', '.join(twice)} twice")
+        self.axes = {axis: list(values) for axis, values in axes.items()}
+        self.cells = [Cell(dict(zip(self.axes, combo)), "")
+                      for combo in itertools.product(*self.axes.values())]
+        for cell in self.cells:
+            cell.tag = tag(cell.coords)
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self.resume = resume
+        self.payload_file = payload_file
+        self.results_file = results_file
+        self.same = None if same is None else to_jsonable(dict(same))
+
+    @property
+    def work(self) -> Path | None:
+        """The folder of finished cells and checkpoints (``out_dir/.work``), None without out_dir."""
+        return None if self.out_dir is None else self.out_dir / WORK
+
+    def checkpoint(self, cell: Cell, suffix: str) -> Path | None:
+        """The path of one of ``cell``'s checkpoints, ``.work/<tag>_<suffix>.ckpt`` (None without out_dir)."""
+        return None if self.work is None else self.work / f"{cell.tag}_{suffix}.ckpt"
+
+    def _done_file(self, cell: Cell) -> Path | None:
+        return None if self.work is None else self.work / f"{cell.tag}.pt"
+
+    def earlier(self) -> tuple[dict[str, tuple[dict, Any]], int]:
+        """Finished cells recorded in the output dir ({tag: (record, payload)}), and the number of
+        its runs that are no cell of this grid.  Refuses results made with other settings."""
+        path = None if self.out_dir is None else self.out_dir / self.results_file
+        if path is None or not path.is_file():
+            return {}, 0
+        data = json.loads(path.read_text())
+        if self.same is not None:
+            old = data.get("config") or {}
+            differ = sorted(k for k, v in self.same.items() if k in old and old[k] != v)
+            if differ:
+                changes = ", ".join(f"{k}: {old[k]!r} -> {self.same[k]!r}" for k in differ)
+                raise ValueError(f"cannot resume into {self.out_dir}: its results were made with other "
+                                 f"settings ({changes}); use the same settings or another output dir")
+        payloads = {}
+        if self.payload_file is not None:
+            file = self.out_dir / self.payload_file
+            payloads = load_checkpoint(file) if file.is_file() else {}
+        runs = list(data.get("runs") or [])
+        found = {}
+        for cell in self.cells:
+            record = next((r for r in runs if cell.matches(r)), None)
+            if record is not None and (self.payload_file is None or cell.tag in payloads):
+                found[cell.tag] = (record, payloads.get(cell.tag))
+        dropped = sum(1 for r in runs if not any(cell.matches(r) for cell in self.cells))
+        return found, dropped
+
+    def run(self, fn: Callable[[Cell], tuple[dict, Any]],
+            write: Callable[[SweepResult], Any] | None = None) -> SweepResult:
+        """Run every cell not finished yet with ``fn(cell) -> (record, payload)``; then (with an
+        output dir) write the payload file, call ``write(result)`` (the results file) and remove
+        ``.work``."""
+        earlier, dropped = self.earlier() if self.resume else ({}, 0)
+        if self.work is not None:
+            self.work.mkdir(parents=True, exist_ok=True)
+        result = SweepResult([], {}, [], [], dropped)
+        for cell in self.cells:
+            done = self._done_file(cell)
+            if self.resume and done is not None and done.exists():
+                saved = load_checkpoint(done)
+                record, payload = json.loads(saved["record"]), saved["payload"]
+            elif cell.tag in earlier:
+                record, payload = earlier[cell.tag]
+            else:
+                record, payload = fn(cell)
+                for axis, value in cell.coords.items():
+                    record.setdefault(axis, value)
+                if done is not None:
+                    atomic_torch_save({"record": json.dumps(to_jsonable(record)), "payload": payload}, done)
+                result.ran.append(cell.tag)
+            if cell.tag not in result.ran:
+                result.kept.append(cell.tag)
+            result.runs.append(record)
+            result.payloads[cell.tag] = payload
+        if self.out_dir is not None:
+            if self.payload_file is not None:
+                atomic_torch_save(result.payloads, self.out_dir / self.payload_file)
+            if write is not None:
+                write(result)
+            shutil.rmtree(self.work, ignore_errors=True)
+        return result

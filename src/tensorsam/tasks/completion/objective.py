@@ -1,0 +1,224 @@
+"""The completion objective: the training loss on gathered entries, its gradient (compiled whole
+with ``torch.compile`` when asked) and one training step per method.
+
+Speed: the training entries are gathered once as flat indices; one step is the gradient of
+``sum((X^.flatten()[idx] - y)^2)`` plus the optimizer step.  Compiled, DAS's scaling and SAM's
+two passes run inside that one compiled function (:func:`gradient_fns`, through
+:mod:`tensorsam.optim.functional`) and only the base step goes through the optimizer
+(``opt.base_step()``): on this 4-core problem the wrappers' many tiny per-step ops, not
+arithmetic, were what made DAS and SAM slow.
+
+The reconstruction replays opt_einsum's path with plain ``torch.einsum`` (:func:`contraction_plan`,
+:func:`reconstruct`), not the format's own :meth:`~tensorsam.tensors.base.FactorizedTensor.reconstruct`:
+that one runs opt_einsum's expression (tensordot/GEMM pairs along a ``dp`` path), which gives other
+last bits than this path (the float64 golden run of the first wave no longer matches) and which
+``torch.compile`` cannot trace with a dynamic mask size (TR fails).
+"""
+
+from __future__ import annotations
+
+import typing
+import warnings
+
+import opt_einsum
+import torch
+
+
+def contraction_plan(model) -> tuple[list, str]:
+    """Pairwise ``torch.einsum`` steps along opt_einsum's optimal path for ``model``'s cores.
+
+    Replaying the path with plain ``torch.einsum`` (rather than an opt_einsum expression) keeps
+    the reconstruction traceable by ``torch.compile``.
+    """
+    eq = model.einsum_equation()
+    path, _ = opt_einsum.contract_path(eq, *model.core_shapes(), shapes=True, optimize="optimal")
+    ins, out = eq.split("->")
+    ops = ins.split(",")
+    steps = []
+    for pair in path:
+        pair = sorted(pair, reverse=True)
+        taken = [ops.pop(i) for i in pair]
+        joined = "".join(taken)
+        rest = "".join(ops) + out
+        keep = "".join(dict.fromkeys(c for c in joined if c in rest))
+        steps.append((tuple(pair), ",".join(taken) + "->" + keep))
+        ops.append(keep)
+    return steps, f"{ops[0]}->{out}"
+
+
+def reconstruct(cores, plan) -> torch.Tensor:
+    """The full tensor from ``cores`` along a :func:`contraction_plan`."""
+    steps, final = plan
+    ops = list(cores)
+    for pair, eq in steps:
+        ops.append(torch.einsum(eq, *[ops.pop(i) for i in pair]))
+    return torch.einsum(final, ops[0])
+
+
+def train_loss_fn(plan):
+    """``f(cores, idx, y, scale) = scale * sum((X^(cores).flatten()[idx] - y)^2)`` for one plan."""
+
+    def train_loss(cores, idx, y, scale):
+        r = reconstruct(cores, plan).reshape(-1).index_select(0, idx) - y
+        return r.square().sum() * scale
+
+    return train_loss
+
+
+def gradient_fns(loss_fn) -> dict:
+    """Pure-tensor gradient functions of ``loss_fn`` for :class:`Objective` (each compiled whole),
+    built on the functional optimizer API (:mod:`tensorsam.optim.functional`):
+
+    - ``'plain'``: ``(cores, idx, y, scale) -> (grads, loss)``;
+    - ``'das'``: the same, then DAS's scaling of the cores in place (:func:`das_scale_`, Eq. 9)
+      with the arguments of ``DAS.functional_args()``; the base step follows with ``grads``;
+    - ``'sam'``: ``(..., rho, adaptive) -> (grads at w + e, loss at w)``, e from
+      :func:`sam_perturbation` (Algorithm 1); the weights stay at w.  A non-finite first-pass
+      gradient gives e = 0 and NaN in the returned gradient, as ``SAM.restore`` does.
+
+    Gradients are made contiguous: einsum's backward can return transposed strides, and torch
+    2.13's fused CPU Adam then pairs gradient and parameter entries wrongly (silently).
+    """
+    from tensorsam.optim.functional import das_scale_, nan_unless, sam_perturbation
+
+    grad_and_value = torch.func.grad_and_value(loss_fn)
+
+    def plain(cores, idx, y, scale):
+        grads, loss = grad_and_value(cores, idx, y, scale)
+        return tuple(g.contiguous() for g in grads), loss
+
+    def das(cores, idx, y, scale, eta_alpha, seg, counts, normalization, divisor):
+        grads, loss = plain(cores, idx, y, scale)
+        das_scale_(list(cores), list(grads), eta_alpha, seg, counts, normalization, divisor)
+        return grads, loss
+
+    def sam(cores, idx, y, scale, rho, adaptive):
+        grads, loss = plain(cores, idx, y, scale)
+        e, finite = sam_perturbation(list(cores), list(grads), rho, adaptive)
+        grads, _ = plain(tuple(c + ek for c, ek in zip(cores, e)), idx, y, scale)
+        return (grads[0] + nan_unless(finite), *grads[1:]), loss
+
+    return {"plain": plain, "das": das, "sam": sam}
+
+
+class Objective:
+    """The training loss on gathered entries, and a closure that puts its gradient in ``.grad``.
+
+    ``idx`` are the flat indices of the training entries, gathered once.  With ``compile=True``
+    the gradient (``torch.func.grad_and_value``) is compiled with ``torch.compile``; if that
+    fails, eager autograd is used and a warning says so.  :meth:`step_fn` gives one whole
+    training iteration; compiled, DAS's scaling and SAM's two passes run inside the one
+    compiled gradient function (:func:`gradient_fns`), which saves the optimizer wrappers' many
+    small per-step ops on this 4-core problem.
+    """
+
+    _compiled_cache: typing.ClassVar[dict] = {}
+
+    def __init__(self, model, values: torch.Tensor, train: torch.Tensor, loss: str = "sum",
+                 compile: bool = False):
+        self.model = model
+        self.cores = list(model.cores)
+        self.plan = contraction_plan(model)
+        dtype = self.cores[0].dtype
+        flat = values.reshape(-1).to(dtype)
+        self.idx = train.reshape(-1).nonzero().squeeze(1)
+        self.y = flat.index_select(0, self.idx)
+        self.scale = torch.tensor(1.0 if loss == "sum" else 1.0 / max(1, self.idx.numel()), dtype=dtype)
+        self.loss_fn = train_loss_fn(self.plan)
+        self.compiled = False
+        self._grad = None
+        self._key = (model.einsum_equation(), tuple(model.core_shapes()), dtype)
+        if compile:
+            torch._dynamo.mark_dynamic(self.idx, 0)  # one graph for every mask size
+            torch._dynamo.mark_dynamic(self.y, 0)
+            fn = self._compiled("plain")
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    fn(tuple(c.detach() for c in self.cores), self.idx, self.y, self.scale)
+                self._grad = fn
+                self.compiled = True
+            except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
+                warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); using eager autograd",
+                              stacklevel=2)
+
+    def _compiled(self, kind: str):
+        """The compiled ``gradient_fns(...)[kind]`` for this model's shapes (cached per process)."""
+        key = (*self._key, kind)
+        if key not in self._compiled_cache:
+            self._compiled_cache[key] = torch.compile(gradient_fns(self.loss_fn)[kind])
+        return self._compiled_cache[key]
+
+    def loss_and_grads(self, cores):
+        """(loss, gradients) of the training loss at ``cores`` (detached tensors)."""
+        if self._grad is not None:
+            grads, loss = self._grad(tuple(cores), self.idx, self.y, self.scale)
+            return loss, grads
+        with torch.enable_grad():
+            leaves = [c.detach().requires_grad_() for c in cores]
+            loss = self.loss_fn(leaves, self.idx, self.y, self.scale)
+            grads = torch.autograd.grad(loss, leaves)
+        return loss.detach(), grads
+
+    def closure(self):
+        """Compute the gradient at the current cores into ``.grad``; returns the loss."""
+        loss, grads = self.loss_and_grads([c.detach() for c in self.cores])
+        self._set_grads(grads)
+        return loss
+
+    def _set_grads(self, grads) -> None:
+        for p, g in zip(self.cores, grads):
+            p.grad = g.contiguous()   # see gradient_fns
+
+    def step_fn(self, method: str, opt):
+        """A callable doing one training iteration of ``method`` with ``opt`` (from
+        :func:`make_optimizer`) and returning the loss at the current point (a tensor, not read).
+
+        Compiled, DAS and SAM use the fused gradient functions of :func:`gradient_fns` (the
+        base step still runs through ``opt``); if their compilation fails, a warning is given and
+        the eager wrappers take over.  No step reads a device value.
+        """
+        def eager():
+            if method == "sam":
+                return opt.step(self.closure)
+            loss = self.closure()
+            opt.step()
+            return loss
+
+        if not self.compiled or method not in ("das", "sam"):
+            return eager
+        cores = tuple(c.detach() for c in self.cores)
+        fn = self._compiled(method)
+
+        def fused():
+            args = opt.functional_args()[1:] if method == "das" else opt.functional_args(self.cores)
+            grads, loss = fn(cores, self.idx, self.y, self.scale, *args)
+            self._set_grads(grads)
+            opt.base_step()
+            return loss
+
+        state = {"step": None}
+
+        def step():
+            if state["step"] is not None:
+                return state["step"]()
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    loss = fused()
+                state["step"] = fused
+            except Exception as err:  # noqa: BLE001 - compiler failures happen before any update
+                warnings.warn(f"torch.compile of the fused {method} step failed "
+                              f"({type(err).__name__}: {err}); "
+                              "using the eager optimizer wrapper", stacklevel=2)
+                state["step"] = eager
+                loss = eager()
+            return loss
+
+        return step
+
+    @torch.no_grad()
+    def predict(self) -> torch.Tensor:
+        """The reconstruction, flattened."""
+        return reconstruct([c.detach() for c in self.cores], self.plan).reshape(-1)
+
