@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from tensorsam.nn import TensorizedConv2d, TensorizedLinear, default_modes, tensorize
-from tensorsam.nn import layers as layers_mod
+from tensorsam.nn import auto as auto_mod
 
 FORMATS = ("cp", "tucker", "tt", "tr", "ttm")
 F64 = torch.float64
@@ -176,14 +176,14 @@ def test_from_dense_exact_low_rank(fmt):
 
 
 def test_auto_chooses_without_touching_grads(monkeypatch):
-    monkeypatch.setattr(layers_mod, "AUTO_TIMING_MARGIN", float("inf"))  # always time
-    monkeypatch.setattr(layers_mod, "_MODE_CACHE", {})
+    monkeypatch.setattr(auto_mod, "AUTO_TIMING_MARGIN", float("inf"))  # always time
+    monkeypatch.setattr(auto_mod, "_MODE_CACHE", {})
     layer = TensorizedLinear(16, 16, format="tt", rank=2)
     x = torch.randn(4, 16, requires_grad=True)
     y = layer(x)
     assert all(p.grad is None for p in layer.parameters()) and x.grad is None
     torch.testing.assert_close(y, layer.forward_factorized(x), rtol=1e-5, atol=1e-6)
-    assert len(layers_mod._MODE_CACHE) == 1
+    assert len(auto_mod._MODE_CACHE) == 1
     y.sum().backward()  # the caller's graph is intact
     assert x.grad is not None and layer.cores[0].grad is not None
 
@@ -215,7 +215,7 @@ def test_time_modes_ignores_first_call_costs(monkeypatch):
 ])
 def test_auto_timing_tie_keeps_estimate(monkeypatch, times, expected):
     monkeypatch.setenv("TENSORSAM_AUTO_TIMING", "1")
-    monkeypatch.setattr(layers_mod, "_MODE_CACHE", {})
+    monkeypatch.setattr(auto_mod, "_MODE_CACHE", {})
     layer = TensorizedLinear(1024, 1024, format="cp", rank=64)
     x = torch.empty(128, 1024)
     est = layer.estimated_costs(x)
@@ -226,8 +226,8 @@ def test_auto_timing_tie_keeps_estimate(monkeypatch, times, expected):
 
 def test_auto_uses_estimate_without_timing(monkeypatch):
     monkeypatch.setenv("TENSORSAM_AUTO_TIMING", "0")
-    monkeypatch.setattr(layers_mod, "AUTO_TIMING_MARGIN", float("inf"))
-    monkeypatch.setattr(layers_mod, "_MODE_CACHE", {})
+    monkeypatch.setattr(auto_mod, "AUTO_TIMING_MARGIN", float("inf"))
+    monkeypatch.setattr(auto_mod, "_MODE_CACHE", {})
     layer = TensorizedLinear(16, 16, format="tt", rank=2)
 
     def boom(*a, **k):
@@ -254,7 +254,7 @@ def test_auto_does_not_time_obviously_slower_factorized_conv(monkeypatch, fmt, r
     """3x3 convs of ResNet/benchmark sizes: the im2col-based factorized forward is far slower than
     the dense conv, and auto must see it from the estimate alone (timing cost seconds per shape)."""
     monkeypatch.setenv("TENSORSAM_AUTO_TIMING", "1")
-    monkeypatch.setattr(layers_mod, "_MODE_CACHE", {})
+    monkeypatch.setattr(auto_mod, "_MODE_CACHE", {})
     layer = TensorizedConv2d(c, c, 3, format=fmt, rank=rank, padding=1)
 
     def boom(*a, **k):
@@ -268,7 +268,7 @@ def test_auto_does_not_time_obviously_slower_factorized_conv(monkeypatch, fmt, r
 def test_auto_still_times_close_conv(monkeypatch):
     """A wide 1x1 conv at low rank is a close call (measured about even), so it is timed."""
     monkeypatch.setenv("TENSORSAM_AUTO_TIMING", "1")
-    monkeypatch.setattr(layers_mod, "_MODE_CACHE", {})
+    monkeypatch.setattr(auto_mod, "_MODE_CACHE", {})
     layer = TensorizedConv2d(256, 256, 1, format="cp", rank=8)
     calls = []
     monkeypatch.setattr(layer, "time_modes", lambda x, grad: calls.append(1) or {"factorized": 1.0,
@@ -335,7 +335,7 @@ def test_tensorize_accepts_a_single_pattern_string():
 
 def test_auto_cache_distinguishes_kernel_shapes(monkeypatch):
     """(3, 3) and (1, 9) kernels have the same k_h*k_w but different outputs and costs."""
-    monkeypatch.setattr(layers_mod, "_MODE_CACHE", {})
+    monkeypatch.setattr(auto_mod, "_MODE_CACHE", {})
     a = TensorizedConv2d(8, 8, (3, 3), format="tt", rank=2, padding=1)
     b = TensorizedConv2d(8, 8, (1, 9), format="tt", rank=2, padding=1)
     assert a._signature() != b._signature()
