@@ -259,3 +259,13 @@ def test_cp_from_dense_rank_above_a_mode_size():
     t = CP.from_dense(x, 20, n_iter_max=200)
     assert t.rank == 20
     assert torch.linalg.norm(t.reconstruct() - x) / torch.linalg.norm(x) < 1e-3
+
+
+@pytest.mark.parametrize("fmt", ["cp", "tucker", "tt", "tr"])
+def test_from_dense_draws_nothing_from_the_global_rng(fmt):
+    """Building around a decomposition's cores skips the random initialisation (FactorizedTensor.around)."""
+    x = torch.randn(4, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    rank = {"cp": 3, "tucker": (2, 2, 2), "tt": (2, 2), "tr": (1, 2, 2)}[fmt]
+    before = torch.get_rng_state()
+    get_format(fmt).from_dense(x, rank)
+    assert torch.equal(torch.get_rng_state(), before)

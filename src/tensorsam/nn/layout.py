@@ -59,13 +59,6 @@ def split_shape(shape, in_size: int, out_size: int, kernel: int | None) -> tuple
     raise ValueError(f"shape {shape!r} does not match the layer: expected {expected}")
 
 
-def _rng_kept(device: torch.device):
-    """Fork the global RNG of the CPU (and of ``device``): what runs inside leaves it untouched."""
-    if device.type == "cpu":
-        return torch.random.fork_rng(devices=[])
-    return torch.random.fork_rng(devices=[device], device_type=device.type)
-
-
 @dataclass(frozen=True)
 class Layout:
     """The modes of one layer in one format; :meth:`of` picks the format's layout class."""
@@ -108,8 +101,7 @@ class Layout:
         format's ``from_dense`` (``kwargs`` go to it).  The global RNG is left untouched."""
         w = weight.detach()
         tensor = w.permute(*range(1, w.ndim), 0).reshape(self.tensor_shape)  # (in, [k], out)
-        with _rng_kept(w.device):  # the formats initialise their cores before loading the result
-            return self._from_tensor(tensor, rank, **kwargs)
+        return self._from_tensor(tensor, rank, **kwargs)   # from_dense draws no random initialisation
 
     def _from_tensor(self, tensor: torch.Tensor, rank, **kwargs) -> FactorizedTensor:
         return get_format(self.format).from_dense(tensor, rank, **kwargs)

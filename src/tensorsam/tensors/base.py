@@ -10,6 +10,7 @@ reusing the same subscripts.
 
 from __future__ import annotations
 
+import contextvars
 import math
 import numbers
 from collections.abc import Sequence
@@ -105,6 +106,9 @@ def bond_subscripts(mode_labels: Sequence[Sequence[int]], first_bond: int, ring:
     return [(first_bond + k, *m, first_bond + (k + 1) % n_bonds) for k, m in enumerate(mode_labels)]
 
 
+_AROUND_CORES: contextvars.ContextVar[bool] = contextvars.ContextVar("around_cores", default=False)
+
+
 class FactorizedTensor(nn.Module):
     """A tensor of shape ``shape`` stored as cores that compose multilinearly.
 
@@ -122,7 +126,19 @@ class FactorizedTensor(nn.Module):
             nn.Parameter(torch.empty(tuple(s), dtype=dtype, device=device)) for s in core_shapes
         )
         self._expr_cache: dict = {}
-        self.reset_parameters()
+        if not _AROUND_CORES.get():
+            self.reset_parameters()
+
+    @classmethod
+    def around(cls, cores: Sequence[torch.Tensor], *args, **kwargs) -> FactorizedTensor:
+        """``cls(*args, **kwargs)`` holding ``cores``, built without drawing a random initialisation
+        (so building from a decomposition leaves the global RNG alone)."""
+        token = _AROUND_CORES.set(True)
+        try:
+            obj = cls(*args, **kwargs)
+        finally:
+            _AROUND_CORES.reset(token)
+        return obj.load_cores(cores)
 
     # -- what a format must describe -------------------------------------------------------
     def subscripts(self) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:

@@ -54,7 +54,7 @@ class CP(FactorizedTensor):
         scale = weights.abs() ** (1.0 / n)
         factors = [f * scale for f in factors]
         factors[0] = factors[0] * torch.where(weights < 0, -1.0, 1.0).to(weights)
-        return cls(tensor.shape, r, dtype=tensor.dtype, device=tensor.device).load_cores(factors)
+        return cls.around(factors, tensor.shape, r, dtype=tensor.dtype, device=tensor.device)
 
     def _to_tensorly(self, cores):
         return CPTensor((torch.ones(self.rank, dtype=cores[0].dtype, device=cores[0].device), cores))

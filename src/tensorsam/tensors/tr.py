@@ -54,8 +54,8 @@ class TR(FactorizedTensor):
         ranks = validate_rank(rank, tensor.ndim, form=TR_RANK_FORM)
         with tensorly_pytorch():
             cores = list(tensor_ring(tensor, [*ranks, ranks[0]], mode=mode, svd=svd, random_state=random_state))
-        return cls(tensor.shape, tuple(int(c.shape[0]) for c in cores), dtype=tensor.dtype,
-                   device=tensor.device).load_cores(cores)
+        return cls.around(cores, tensor.shape, tuple(int(c.shape[0]) for c in cores), dtype=tensor.dtype,
+                          device=tensor.device)
 
     def _to_tensorly(self, cores):
         return TRTensor(cores)

@@ -56,11 +56,11 @@ class TT(FactorizedTensor):
         tensor = check_dense(tensor)
         ranks = validate_rank(rank, tensor.ndim - 1, form=TT_RANK_FORM)
         if tensor.ndim == 1:  # a single core; tensorly's TT-SVD needs two modes
-            return cls(tensor.shape, (), dtype=tensor.dtype, device=tensor.device).load_cores(
-                [tensor.reshape(1, -1, 1)])
+            return cls.around([tensor.reshape(1, -1, 1)], tensor.shape, (), dtype=tensor.dtype,
+                              device=tensor.device)
         with tensorly_pytorch():
             cores = tensor_train(tensor, [1, *ranks, 1], svd=svd, random_state=random_state).factors
-        return cls(tensor.shape, inner_ranks(cores), dtype=tensor.dtype, device=tensor.device).load_cores(cores)
+        return cls.around(cores, tensor.shape, inner_ranks(cores), dtype=tensor.dtype, device=tensor.device)
 
     def _to_tensorly(self, cores):
         return TTTensor(cores)

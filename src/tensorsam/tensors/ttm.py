@@ -71,8 +71,8 @@ class TTM(FactorizedTensor):
         ranks = validate_rank(rank, d - 1, form=TTM_RANK_FORM)
         with tensorly_pytorch():
             cores = list(tensor_train_matrix(tensor, [1, *ranks, 1], svd=svd, random_state=random_state))
-        return cls(tensor.shape[:d], tensor.shape[d:], inner_ranks(cores), dtype=tensor.dtype,
-                   device=tensor.device).load_cores(cores)
+        return cls.around(cores, tensor.shape[:d], tensor.shape[d:], inner_ranks(cores), dtype=tensor.dtype,
+                          device=tensor.device)
 
     @classmethod
     def from_matrix(cls, matrix, row_modes, col_modes, rank, **kwargs) -> TTM:

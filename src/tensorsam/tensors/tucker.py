@@ -61,7 +61,7 @@ class Tucker(FactorizedTensor):
         with tensorly_pytorch():
             core, factors = tucker(tensor, list(ranks), n_iter_max=n_iter_max, tol=tol, init=init,
                                    random_state=random_state, **kwargs)
-        return cls(tensor.shape, ranks, dtype=tensor.dtype, device=tensor.device).load_cores([core, *factors])
+        return cls.around([core, *factors], tensor.shape, ranks, dtype=tensor.dtype, device=tensor.device)
 
     def _to_tensorly(self, cores):
         return TuckerTensor((cores[0], list(cores[1:])))
