@@ -124,9 +124,14 @@ def replicas(tmp_path_factory):
     # warm the imports the workers need (torch.optim pulls in dynamo lazily), then fork: a
     # spawned worker would spend seconds re-importing torch on a busy 2-core machine
     train_das(make_model(), batches()[:1])
+    return run_workers(_worker, outdir)
+
+
+def run_workers(worker, outdir: str) -> list:
+    """Fork (or spawn) WORLD workers ``worker(rank, port, outdir)``, kill them after TIMEOUT_S, and
+    load what each saved to ``outdir/rank<r>.pt``."""
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    ctx = mp.start_processes(_worker, args=(_free_port(), outdir), nprocs=WORLD, join=False,
-                             start_method=method)
+    ctx = mp.start_processes(worker, args=(_free_port(), outdir), nprocs=WORLD, join=False, start_method=method)
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not ctx.join(timeout=1.0):

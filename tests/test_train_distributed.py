@@ -5,12 +5,10 @@ a model without BatchNorm."""
 
 import datetime
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from test_distributed import (
     LR,
@@ -22,6 +20,7 @@ from test_distributed import (
     make_model,
     params_of,
     per_replica_reference,
+    run_workers,
 )
 from torch import nn
 
@@ -76,19 +75,7 @@ def _worker(rank, port, outdir):
 def replicas(tmp_path_factory):
     outdir = str(tmp_path_factory.mktemp("ddp_fit"))
     train(make_model(), "sgd", 16)                      # warm the imports, then fork
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    ctx = mp.start_processes(_worker, args=(_free_port(), outdir), nprocs=WORLD, join=False, start_method=method)
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail(f"DDP workers did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    return [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(WORLD)]
+    return run_workers(_worker, outdir)
 
 
 @pytest.mark.parametrize("name", ["sgd", "das", "sam_sync"])

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import statistics
@@ -84,6 +85,11 @@ def evaluate(model: nn.Module, data: Data, batch_size: int = 1024, loss_fn: Call
     model.train(was)
     loss, acc = (torch.stack([loss_sum, correct.double()]) / max(1, len(y))).tolist()
     return {"loss": loss, "acc": acc}
+
+
+def _cpu_copy(state: dict) -> dict:
+    """A CPU copy of a ``state_dict`` (tensors cloned, other entries such as extra state deep-copied)."""
+    return {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in state.items()}
 
 
 def _check_data(name: str, data) -> Data:
@@ -165,7 +171,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train: Data, *, epoc
             row = _evaluation(model, val, test, done, epoch, ex, optimizer, autocast)
             if val is not None and row["val_acc"] > ex["best_val_acc"]:
                 ex["best_val_acc"], ex["best_step"], ex["test_at_best"] = row["val_acc"], done, row.get("test_acc")
-                best.state = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+                best.state = _cpu_copy(unwrap(model).state_dict())
             loop.log(loss=row["train_loss"], **({"val_acc": row["val_acc"]} if val is not None else {}))
             t_block = time.perf_counter()
         if on_step is not None:
