@@ -2,7 +2,7 @@
 
 A format only describes *shapes* and an *einsum*: the shape of each core and the
 subscripts that compose the cores into the full tensor.  Everything generic —
-reconstruction along a cached opt_einsum path, degrees of freedom, compression
+reconstruction along a cached, replayable opt_einsum path (contract.py), degrees of freedom, compression
 ratio, the unified initialisation — lives here once, so formats stay small and
 layers (``tensorsam.nn``) can contract an input with the cores of *any* format by
 reusing the same subscripts.
@@ -19,6 +19,8 @@ import opt_einsum
 import tensorly
 import torch
 from torch import nn
+
+from tensorsam.tensors.contract import ContractionPlan, contract, contraction_plan
 
 FORMATS: dict[str, type[FactorizedTensor]] = {}
 
@@ -167,19 +169,19 @@ class FactorizedTensor(nn.Module):
         sym = opt_einsum.get_symbol
         return ",".join("".join(sym(i) for i in s) for s in ins) + "->" + "".join(sym(i) for i in out)
 
-    def _expression(self):
+    def contraction_plan(self) -> ContractionPlan:
+        """The cached :class:`~tensorsam.tensors.contract.ContractionPlan` of :meth:`einsum_equation`
+        for the current core shapes."""
         key = tuple(self.core_shapes())
-        expr = self._expr_cache.get(key)
-        if expr is None:
-            # dynamic programming finds the flop-optimal order for any number of cores we use
-            # (greedy builds 8x larger intermediates on a 7-core TR conv, at twice the flops)
-            expr = opt_einsum.contract_expression(self.einsum_equation(), *key, optimize="dp")
-            self._expr_cache[key] = expr
-        return expr
+        plan = self._expr_cache.get(key)
+        if plan is None:
+            plan = self._expr_cache[key] = contraction_plan(self.einsum_equation(), key)
+        return plan
 
     def reconstruct(self) -> torch.Tensor:
-        """The full tensor of shape ``self.shape``, contracted along a cached opt_einsum path."""
-        return self._expression()(*self.cores, backend="torch")
+        """The full tensor of shape ``self.shape`` (:func:`~tensorsam.tensors.contract.contract`
+        along :meth:`contraction_plan`)."""
+        return contract(list(self.cores), self.contraction_plan())
 
     def forward(self) -> torch.Tensor:
         return self.reconstruct()

@@ -8,11 +8,9 @@ two passes run inside that one compiled function (:func:`gradient_fns`, through
 (``opt.base_step()``): on this 4-core problem the wrappers' many tiny per-step ops, not
 arithmetic, were what made DAS and SAM slow.
 
-The reconstruction replays opt_einsum's path with plain ``torch.einsum`` (:func:`contraction_plan`,
-:func:`reconstruct`), not the format's own :meth:`~tensorsam.tensors.base.FactorizedTensor.reconstruct`:
-that one runs opt_einsum's expression (tensordot/GEMM pairs along a ``dp`` path), which gives other
-last bits than this path (the float64 golden run of the first wave no longer matches) and which
-``torch.compile`` cannot trace with a dynamic mask size (TR fails).
+The reconstruction is the tensors' own (:mod:`tensorsam.tensors.contract`): opt_einsum's path
+replayed as plain ``torch.einsum`` steps, which ``torch.compile`` traces with a dynamic number of
+gathered entries.
 """
 
 from __future__ import annotations
@@ -20,39 +18,17 @@ from __future__ import annotations
 import typing
 import warnings
 
-import opt_einsum
 import torch
 
-
-def contraction_plan(model) -> tuple[list, str]:
-    """Pairwise ``torch.einsum`` steps along opt_einsum's optimal path for ``model``'s cores.
-
-    Replaying the path with plain ``torch.einsum`` (rather than an opt_einsum expression) keeps
-    the reconstruction traceable by ``torch.compile``.
-    """
-    eq = model.einsum_equation()
-    path, _ = opt_einsum.contract_path(eq, *model.core_shapes(), shapes=True, optimize="optimal")
-    ins, out = eq.split("->")
-    ops = ins.split(",")
-    steps = []
-    for pair in path:
-        pair = sorted(pair, reverse=True)
-        taken = [ops.pop(i) for i in pair]
-        joined = "".join(taken)
-        rest = "".join(ops) + out
-        keep = "".join(dict.fromkeys(c for c in joined if c in rest))
-        steps.append((tuple(pair), ",".join(taken) + "->" + keep))
-        ops.append(keep)
-    return steps, f"{ops[0]}->{out}"
+from tensorsam.tensors.contract import ContractionPlan, contract
 
 
-def reconstruct(cores, plan) -> torch.Tensor:
-    """The full tensor from ``cores`` along a :func:`contraction_plan`."""
-    steps, final = plan
-    ops = list(cores)
-    for pair, eq in steps:
-        ops.append(torch.einsum(eq, *[ops.pop(i) for i in pair]))
-    return torch.einsum(final, ops[0])
+def contraction_plan(model) -> ContractionPlan:
+    """The model's own replayable contraction plan (:meth:`FactorizedTensor.contraction_plan`)."""
+    return model.contraction_plan()
+
+
+reconstruct = contract   # the full tensor from cores along a plan: the tensors' own contraction
 
 
 def train_loss_fn(plan):
