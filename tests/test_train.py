@@ -181,3 +181,14 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(method, tmp_path):
     assert res_r.history == res_s.history and len(res_s.history) == 4
     assert res_s.best_val_acc == max(r["val_acc"] for r in res_s.history)
     assert res_s.best_state is not None and res_s.seconds_per_step > 0
+
+
+def test_progress_in_a_log_is_plain_lines_under_100_columns(capsys):
+    from tensorsam.run.loop import _LineProgress
+
+    lines = _LineProgress("a long description of the run", 50, 0, seconds=0.0)
+    lines.update(50, {"loss": torch.tensor(1234.5678), "train_r2": 0.95, "Q": 2.0954e-3, "x": 1.0, "y": 2.0,
+                      "zzzzzzzzzzzz": 3.0})
+    out = capsys.readouterr().err.strip().splitlines()
+    assert len(out) == 1 and len(out[0]) <= 100 and "50/50 (100%)" in out[0] and "loss=1235" in out[0]
+    assert not out[0].endswith("e-0")                    # no metric is cut in the middle

@@ -76,9 +76,13 @@ class _LineProgress:
             return
         self.next = now + self.seconds
         rate = (done - self.start) / max(now - self.t0, 1e-9)
-        text = " ".join(f"{k}={_fmt_metric(v)}" for k, v in metrics.items())
-        line = f"{self.desc} {done}/{self.total} ({100 * done / self.total:.0f}%) {rate:,.1f} it/s {text}"
-        print(line[:100], file=sys.stderr, flush=True)
+        line = f"{self.desc} {done}/{self.total} ({100 * done / self.total:.0f}%) {rate:,.1f} it/s"
+        for k, v in metrics.items():      # whole metrics only, while the line fits in 100 columns
+            item = f" {k}={_fmt_metric(v)}"
+            if len(line) + len(item) > 100:
+                break
+            line += item
+        print(line, file=sys.stderr, flush=True)
 
 
 class Loop:
