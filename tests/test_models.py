@@ -57,3 +57,17 @@ def test_per_layer_rank_and_bad_input():
         resnet(20, "xx", 3)
     with pytest.raises(ValueError, match="rank"):
         resnet(20, "cp", 0)
+
+
+@pytest.mark.parametrize("fmt", [None, "tr", "tt", "cp", "tucker"])
+@pytest.mark.parametrize("size", [28, 32])
+def test_grayscale_resnet_takes_one_input_channel_at_28_or_32_pixels(fmt, size):
+    model = resnet(20, fmt, None if fmt is None else 3, in_channels=1)
+    assert model(torch.randn(2, 1, size, size)).shape == (2, 10)
+    if fmt in ("tr", "tt"):
+        assert model.conv1.tensor_shape == (1, 9, 4, 2, 2)      # one input mode, as RGB's (3,) in Table 2
+
+
+def test_bad_in_channels_is_refused():
+    with pytest.raises(ValueError, match="in_channels must be a positive int"):
+        resnet(20, in_channels=0)

@@ -20,15 +20,21 @@ from torch import nn
 
 from ..nn import TensorizedConv2d, count_parameters
 
-# Appendix Table 2: channel count -> its modes
+# Appendix Table 2: channel count -> its modes; any other input channel count (1 for grayscale
+# images) is a single mode, following the table's pattern for the 3 RGB channels
 TABLE2_MODES = {3: (3,), 16: (4, 2, 2), 32: (4, 4, 2), 64: (4, 4, 4)}
+
+
+def channel_modes(c: int) -> tuple[int, ...]:
+    """The modes of a channel axis of ``c`` channels (appendix Table 2, one mode if not listed)."""
+    return TABLE2_MODES.get(c, (c,))
 DEPTHS = (20, 32)
 
 
 def conv_shape(format: str | None, c_in: int, c_out: int) -> tuple[int, ...] | None:
     """Tensor shape (in modes..., 9, out modes...) of a 3x3 conv of this ResNet."""
     if format in ("tr", "tt"):
-        return (*TABLE2_MODES[c_in], 9, *TABLE2_MODES[c_out])
+        return (*channel_modes(c_in), 9, *channel_modes(c_out))
     if format in ("cp", "tucker"):
         return (c_in, 9, c_out)
     return None
@@ -80,20 +86,23 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """ResNet-(6n+2) for 32x32 inputs: widths 16/32/64, n blocks per stage."""
+    """ResNet-(6n+2): widths 16/32/64, n blocks per stage, for ``in_channels`` x 32x32 inputs (28x28 and
+    other sizes work too: the head pools globally)."""
 
-    def __init__(self, depth: int = 20, format: str | None = None, rank=None, num_classes: int = 10):
+    def __init__(self, depth: int = 20, format: str | None = None, rank=None, num_classes: int = 10,
+                 in_channels: int = 3):
         super().__init__()
         if depth not in DEPTHS:
             raise ValueError(f"depth must be one of {DEPTHS}, got {depth!r}")
         if format is not None and rank is None:
             raise ValueError(f"format={format!r} needs a rank")
-        if num_classes <= 0:
-            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        for name, v in (("num_classes", num_classes), ("in_channels", in_channels)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
         n = (depth - 2) // 6
         conv = _ConvFactory(format, rank, 6 * n + 1)
         self.depth, self.format = depth, format
-        self.conv1, self.bn1 = conv(3, 16), nn.BatchNorm2d(16)
+        self.conv1, self.bn1 = conv(in_channels, 16), nn.BatchNorm2d(16)
         blocks, c_in = [], 16
         for c_out, stride in ((16, 1), (32, 2), (64, 2)):
             for b in range(n):
@@ -111,9 +120,11 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def resnet(depth: int = 20, format: str | None = None, rank=None, num_classes: int = 10) -> CifarResNet:
+def resnet(depth: int = 20, format: str | None = None, rank=None, num_classes: int = 10,
+           in_channels: int = 3) -> CifarResNet:
     """CIFAR ResNet-``depth`` (20 or 32); ``format=None`` is dense, else every conv is tensorized
-    with ``rank`` (an int, or one rank per conv in network order: 6n+1 of them).
+    with ``rank`` (an int, or one rank per conv in network order: 6n+1 of them).  ``in_channels=1``
+    for grayscale images such as Fashion-MNIST (28x28 works as well as 32x32).
 
     Example::
 
@@ -122,13 +133,14 @@ def resnet(depth: int = 20, format: str | None = None, rank=None, num_classes: i
         torch.Size([2, 10])
         >>> dense = resnet(20)                      # format=None: plain nn.Conv2d
     """
-    return CifarResNet(depth, format, rank, num_classes)
+    return CifarResNet(depth, format, rank, num_classes, in_channels)
 
 
-def parameter_report(depth: int = 20, format: str | None = None, rank=None, num_classes: int = 10) -> dict:
+def parameter_report(depth: int = 20, format: str | None = None, rank=None, num_classes: int = 10,
+                     in_channels: int = 3) -> dict:
     """Parameter counts (all parameters, BN and FC included) and the compression ratio versus
     the dense ResNet of the same depth, as in the paper's compression ratios."""
-    dense = count_parameters(resnet(depth, None, None, num_classes))
-    params = count_parameters(resnet(depth, format, rank, num_classes))
+    dense = count_parameters(resnet(depth, None, None, num_classes, in_channels))
+    params = count_parameters(resnet(depth, format, rank, num_classes, in_channels))
     return {"depth": depth, "format": format, "rank": rank, "params": params, "dense_params": dense,
             "compression_ratio": dense / params}
