@@ -1,6 +1,39 @@
-"""Data: real tensors for completion and seeded entry masks."""
+"""Data: real tensors for completion, seeded entry masks, and image classification data."""
 
+from .images import (
+    IMAGE_DATASETS,
+    ChannelNorm,
+    ImageData,
+    augment,
+    load_cifar10,
+    load_digits,
+    load_fashion_mnist,
+    load_images,
+    read_idx,
+)
 from .masks import Masks, make_masks, masks_from_record
+from .noise import NoisyLabels, labels_sha256, stratified_split, symmetric_label_noise
 from .tensors import DATASETS, TensorData, load_tensor, zscore
 
-__all__ = ["DATASETS", "Masks", "TensorData", "load_tensor", "make_masks", "masks_from_record", "zscore"]
+__all__ = [
+    "DATASETS",
+    "IMAGE_DATASETS",
+    "ChannelNorm",
+    "ImageData",
+    "Masks",
+    "NoisyLabels",
+    "TensorData",
+    "augment",
+    "labels_sha256",
+    "load_cifar10",
+    "load_digits",
+    "load_fashion_mnist",
+    "load_images",
+    "load_tensor",
+    "make_masks",
+    "masks_from_record",
+    "read_idx",
+    "stratified_split",
+    "symmetric_label_noise",
+    "zscore",
+]

@@ -82,3 +82,8 @@ register(Task(
     command="tensorsam.commands.flatness", config=_here("flatness", "FlatnessConfig"),
     run=_here("flatness", "run"), figures=_here("flatness", "figures"),
     summary=_here("flatness", "summary_lines")))
+register(Task(
+    "vision", "tensorized ResNets under label noise: SGD, SAM, DAS, cost-matched SAM (E4, E5)",
+    command="tensorsam.commands.vision", config=_here("vision.config", "VisionConfig"),
+    run=_here("vision.experiment", "run_vision"), figures=_here("vision.experiment", "figures"),
+    summary=_here("vision.experiment", "summary_lines")))

@@ -1,0 +1,217 @@
+"""The vision experiment: tensorized ResNets trained with SGD, SAM, DAS, ... under symmetric label
+noise, every (label noise, format, rank, method, seed) a resumable cell of a :class:`~tensorsam.run.Sweep`.
+
+Each cell trains through :func:`tensorsam.train.fit` on images kept on the training device:
+training images stay uint8 and each batch is augmented (random crop with 2-pixel zero padding,
+horizontal flip) and normalised with the training split's own statistics; validation and test
+images are normalised once.  Validation labels carry the same noise as the training labels (a
+practitioner has no clean ones); the test labels are clean.  The final and best-on-validation
+weights go to ``DIR/models/<cell>.pt``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from tensorsam.data.images import ChannelNorm, augment, load_images
+from tensorsam.dynamics import NormTracker
+from tensorsam.groups import scale_invariant_groups
+from tensorsam.models import resnet
+from tensorsam.nn import count_parameters
+from tensorsam.optim import build_optimizer
+from tensorsam.run import (
+    Sweep,
+    atomic_torch_save,
+    config_to_dict,
+    result_fields,
+    seed_everything,
+    write_results,
+)
+from tensorsam.tasks.vision.config import NEEDS_GROUPS, VisionConfig
+from tensorsam.train import evaluate, fit, setup
+
+
+def vision_sweep(cfg: VisionConfig, out_dir=None, *, resume: bool = False) -> Sweep:
+    axes = {"label_noise": cfg.label_noises, "format": cfg.formats, "rank": cfg.ranks, "method": cfg.methods,
+            "seed": cfg.seeds}
+    return Sweep(axes, out_dir, resume=resume, same=result_fields(cfg, grid=False),
+                 tag=lambda c: f"{c['method']}_{c['format']}{c['rank']}_p{c['label_noise']:g}_seed{c['seed']}")
+
+
+def optimizer_options(cfg: VisionConfig, method: str, model) -> dict:
+    """The factory options of ``method`` (SGD with momentum and weight decay underneath)."""
+    options = {"base": "sgd", "lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
+    if method.startswith("sam") or method == "asam":
+        options["rho"] = cfg.rho
+    elif method == "das":
+        options.update(alpha=cfg.alpha, variant=cfg.das_variant, groups=model)
+    elif method == "rebalance":
+        options["groups"] = model
+    return options
+
+
+class _Data:
+    """A cell's data on the device: uint8 training images with their normaliser, normalised
+    evaluation sets (validation, the fixed test subset, the full test set, training images for the
+    noisy/clean training accuracies)."""
+
+    def __init__(self, cfg: VisionConfig, label_noise: float, seed: int, device: torch.device):
+        d = load_images(cfg.dataset, cfg.data_dir or None, val_size=cfg.val_size or None,
+                        train_subset=cfg.train_subset or None, label_noise=label_noise, seed=seed)
+        self.record = d.record()
+        self.num_classes, self.in_channels = d.num_classes, d.image_shape[0]
+        self.train_x, self.train_y = d.train_x.to(device), d.train_y.to(device)
+        self.norm = ChannelNorm.fit(self.train_x)
+        self.record["normalisation"] = self.norm.record()
+        n_test = min(cfg.test_subset or len(d.test_y), len(d.test_y))
+        sub = torch.randperm(len(d.test_y), generator=torch.Generator().manual_seed(0))[:n_test]
+        ev = lambda x, y: (self.norm(x.to(device)), y.to(device))
+        self.val = ev(d.val_x, d.val_y) if len(d.val_y) else None
+        self.test_subset, self.test = ev(d.test_x[sub], d.test_y[sub]), ev(d.test_x, d.test_y)
+        self.train_noisy = (self.norm(self.train_x), self.train_y)
+        self.train_clean = (self.train_noisy[0], d.train_y_clean.to(device))
+        self.augment = cfg.augment
+
+    def transform(self, xb: torch.Tensor) -> torch.Tensor:
+        return self.norm(augment(xb, padding=2) if self.augment else xb)
+
+
+def train_cell(cfg: VisionConfig, cell, data: _Data, device, *, checkpoint=None, resume=False, progress=False,
+               models_dir: Path | None = None) -> dict:
+    """Train one cell; returns its run record (status ``skipped`` when the method needs tensorized layers)."""
+    fmt, rank, method, seed = cell["format"], cell["rank"], cell["method"], cell["seed"]
+    base = {**cell.coords, "epochs": cfg.epochs}
+    if fmt == "none" and method in NEEDS_GROUPS:
+        return {**base, "status": "skipped", "reason": f"{method} scales the cores of tensorized layers; "
+                "a dense network has none"}
+    if fmt == "none" and rank != cfg.ranks[0]:
+        return {**base, "status": "skipped", "reason": f"a dense network has no rank (run once, at rank {cfg.ranks[0]})"}
+    seed_everything(seed)
+    model = resnet(cfg.depth, None if fmt == "none" else fmt, rank, data.num_classes, data.in_channels).to(device)
+    opt = build_optimizer(method, model.parameters(), **optimizer_options(cfg, method, model))
+    steps_per_epoch = len(data.train_y) // cfg.batch_size
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * max(1, steps_per_epoch))
+    tracker = NormTracker(model, every=max(1, steps_per_epoch)) if scale_invariant_groups(model) else None
+    t0 = time.perf_counter()
+    res = fit(model, opt, (data.train_x, data.train_y), epochs=cfg.epochs, batch_size=cfg.batch_size,
+              val=data.val, test=data.test_subset, eval_every=cfg.eval_every or None, scheduler=sched,
+              tracker=tracker, batch_transform=data.transform, seed=seed, checkpoint=checkpoint,
+              checkpoint_every=cfg.checkpoint_every, resume=resume, progress=progress, desc=cell.tag)
+    wall = time.perf_counter() - t0
+    final_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    record = {**base, "status": "ok", "params": count_parameters(model),
+              "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+              "seconds_per_step": res.seconds_per_step, "wall_seconds": wall,
+              "final_test_acc": evaluate(model, data.test)["acc"],
+              "final_train_acc_noisy": evaluate(model, data.train_noisy)["acc"],
+              "final_train_acc_clean": evaluate(model, data.train_clean)["acc"],
+              "best_val_acc": res.best_val_acc, "best_step": res.best_step, "test_acc_at_best_val": None,
+              "history": res.history,
+              "dynamics": [] if tracker is None else tracker.history}
+    if res.best_state is not None:
+        model.load_state_dict(res.best_state)
+        record["test_acc_at_best_val"] = evaluate(model, data.test)["acc"]
+    if models_dir is not None:
+        atomic_torch_save({"config": config_to_dict(cfg), "cell": dict(cell.coords), "final": final_state,
+                           "best": res.best_state}, models_dir / f"{cell.tag}.pt")
+    return record
+
+
+def run_vision(cfg: VisionConfig, out_dir=None, *, resume: bool = False, progress: bool = False,
+               started: float | None = None) -> dict:
+    """Run every cell of ``cfg``; with ``out_dir``, write ``results.json`` and ``models/<cell>.pt``."""
+    started = time.time() if started is None else started
+    info = setup(cfg.device)
+    if info.world_size > 1:
+        raise ValueError("the vision task runs in one process for now (fit supports DDP; the grid's writes "
+                         "are not yet rank-aware): start it without torchrun")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    sweep = vision_sweep(cfg, out_dir, resume=resume)
+    cache: dict = {}
+    models_dir = None if out_dir is None else Path(out_dir) / "models"
+
+    def cell_fn(cell):
+        key = (cell["label_noise"], cell["seed"])
+        if key not in cache:
+            cache.clear()                     # one data set on the device at a time
+            cache[key] = _Data(cfg, cell["label_noise"], cell["seed"], info.device)
+        record = train_cell(cfg, cell, cache[key], info.device, checkpoint=sweep.checkpoint(cell, "fit"),
+                            resume=resume, progress=progress, models_dir=models_dir)
+        record["data"] = cache[key].record
+        return record, None
+
+    def write(result):
+        write_results(Path(out_dir) / "results.json", task="vision", config=cfg, runs=result.runs,
+                      extra={"sweep": result.record(), "device": str(info.device)}, started=started)
+
+    result = sweep.run(cell_fn, write)
+    return {"runs": result.runs, "sweep": result}
+
+
+def summary_lines(runs: list[dict]) -> list[str]:
+    """Per (label noise, format, rank, method): final and best-on-validation test accuracy, mean ± std."""
+    lines = [(f"{'noise':>5} {'model':<8} {'method':<14} {'final test acc':>16} {'test acc @ best val':>20} "
+              f"{'train acc noisy/clean':>22} {'s/step':>7}")]
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault((r["label_noise"], r["format"], r["rank"], r["method"]), []).append(r)
+    for (p, fmt, rank, method), rs in groups.items():
+        ok = [r for r in rs if r.get("status") == "ok"]
+        if not ok:
+            lines.append(f"{p:>5g} {fmt + str(rank):<8} {method:<14} skipped: {rs[0].get('reason', '')}")
+            continue
+
+        def ms(key, ok=ok):
+            v = [r[key] for r in ok if r.get(key) is not None]
+            if not v:
+                return "–"
+            return f"{statistics.mean(v):.4f}" + (f" ± {statistics.stdev(v):.4f}" if len(v) > 1 else "")
+
+        step = statistics.mean(r["seconds_per_step"] or 0.0 for r in ok)
+        lines.append(f"{p:>5g} {fmt + str(rank):<8} {method:<14} {ms('final_test_acc'):>16} "
+                     f"{ms('test_acc_at_best_val'):>20} "
+                     f"{ms('final_train_acc_noisy')[:6] + '/' + ms('final_train_acc_clean')[:6]:>22} {step:>7.3f}")
+    return lines
+
+
+def figures(results: dict, out_dir) -> list[Path]:
+    """Test accuracy (the fixed subset) and, for tensorized models, the mean Q over layers, against
+    epochs: one panel per label noise, one line per (model, method), seeds averaged."""
+    from tensorsam.tasks import figure_grid, save_figure
+
+    runs = [r for r in results["runs"] if r.get("status") == "ok" and r.get("history")]
+    if not runs:
+        return []
+    noises = sorted({r["label_noise"] for r in runs})
+    fig, axes = figure_grid(2, len(noises), (5 * len(noises), 7))
+    for j, p in enumerate(noises):
+        lines: dict = {}
+        for r in runs:
+            if r["label_noise"] == p:
+                lines.setdefault(f"{r['method']} ({r['format']}{r['rank']})", []).append(r)
+        for label, rs in lines.items():
+            epochs = [h["epoch"] for h in rs[0]["history"]]
+            acc = [statistics.mean(r["history"][i].get("test_acc", float("nan")) for r in rs)
+                   for i in range(len(epochs))]
+            axes[0][j].plot(epochs, acc, label=label)
+            q = _mean_q(rs)
+            if q:
+                axes[1][j].plot(*zip(*q), label=label)
+        axes[0][j].set(title=f"label noise {p:g}", xlabel="epoch", ylabel="test accuracy (2k subset)")
+        axes[1][j].set(xlabel="step", ylabel="mean Q over layers (Eq. 5)", yscale="log")
+        axes[0][j].legend(fontsize="small")
+    return [save_figure(fig, out_dir, "vision_curves.png")]
+
+
+def _mean_q(runs: list[dict]) -> list[tuple[int, float]]:
+    """(step, mean over layers and seeds of Q) from the runs' norm-tracker rows."""
+    by_step: dict = {}
+    for r in runs:
+        for row in r.get("dynamics") or []:
+            by_step.setdefault(row["step"], []).append(row["Q"])
+    return [(s, statistics.mean(v)) for s, v in sorted(by_step.items()) if all(q > 0 for q in v)]
