@@ -3,6 +3,7 @@ from ``reconstruct()`` by the documented permutation; gradients; from_dense; ten
 
 import math
 import time
+import warnings
 
 import pytest
 import torch
@@ -318,7 +319,8 @@ def test_tensorize_summary_and_decompose():
     net = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     x = torch.randn(5, 6, dtype=F64)
     before = net(x)
-    s = tensorize(net, "tucker", 4, decompose=True, include=["0"])
+    with pytest.warns(UserWarning, match="grows"):   # 28 dense parameters, 60 as Tucker
+        s = tensorize(net, "tucker", 4, decompose=True, include=["0"])
     assert [r.name for r in s.layers] == ["0"]
     torch.testing.assert_close(net(x), before, rtol=1e-8, atol=1e-10)
 
@@ -331,6 +333,74 @@ def test_tensorize_accepts_a_single_pattern_string():
     assert [r.name for r in s.layers] == ["body"] and type(model.fc) is nn.Linear
     s = tensorize(nn.Sequential(model), "tt", 2, include="*.fc")
     assert [r.name for r in s.layers] == ["0.fc"]
+
+
+def small_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def snapshot(model):
+    return [(n, type(m)) for n, m in model.named_modules()], {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"rank": {"0": 2, "2": 2, "4": 0}},                       # the last layer's rank is invalid
+    {"rank": 2, "shape": {"4": ((4, 4), (3, 2))}},             # its shape does not match it
+    {"rank": 2, "decompose": True, "shape": {"2": ((4, 8), (5, 5))}},
+])
+def test_tensorize_leaves_the_model_untouched_when_one_layer_fails(kwargs):
+    """Every replacement is built before any is swapped in: no half-tensorized model."""
+    model = small_net()
+    modules, weights = snapshot(model)
+    layers = list(model)
+    with pytest.raises(ValueError, match=r"layer '[24]'.*left unchanged"):
+        tensorize(model, "tt", **kwargs)
+    assert snapshot(model)[0] == modules and all(a is b for a, b in zip(model, layers))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k])
+
+
+def test_tensorize_leaves_the_model_untouched_when_a_decomposition_raises(monkeypatch):
+    model = small_net()
+    real = TensorizedLinear.from_dense
+
+    def from_dense(layer, *args, **kwargs):
+        if layer.out_features == 4:
+            raise RuntimeError("decomposition did not converge")
+        return real(layer, *args, **kwargs)
+
+    monkeypatch.setattr(TensorizedLinear, "from_dense", from_dense)
+    with pytest.raises(RuntimeError, match="converge") as info:
+        tensorize(model, "tt", 2, decompose=True)
+    assert any("'4'" in note for note in info.value.__notes__)
+    assert all(type(m) is not TensorizedLinear for m in model.modules())
+
+
+@pytest.mark.parametrize("model", [nn.Sequential(nn.ReLU(), nn.Flatten()), nn.Sequential(nn.Embedding(10, 4)),
+                                   nn.Module()], ids=["no_parameters", "no_linear_or_conv", "empty"])
+def test_tensorize_of_a_model_with_nothing_to_tensorize_says_so(model):
+    with pytest.raises(ValueError, match="nothing to tensorize.*no nn.Linear or nn.Conv2d"):
+        tensorize(model, "tt", 2)   # was a ZeroDivisionError in the summary's ratio
+
+
+def test_tensorize_with_patterns_matching_no_layer_says_so():
+    model = small_net()
+    with pytest.raises(ValueError, match=r"no layer matches include=\['head'\].*\['0', '2', '4'\]"):
+        tensorize(model, "tt", 2, include=["head"])
+    with pytest.raises(ValueError, match="no layer matches"):
+        tensorize(model, "tt", 2, exclude="*")
+    assert all(type(m) is nn.Linear for m in model if not isinstance(m, nn.ReLU))
+
+
+def test_tensorize_warns_about_a_layer_that_grows():
+    model = small_net()
+    with pytest.warns(UserWarning, match=r"layer '4' grows from 132 to \d+ parameters \(ratio 0\.\d\dx"):
+        s = tensorize(model, "tucker", 8)     # a 32x4 layer as a Tucker core of 8x4 plus factors
+    assert [r.name for r in s.layers if r.ratio < 1] == ["4"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")       # compressing layers warn about nothing
+        tensorize(small_net(), "tt", 2)
 
 
 def test_auto_cache_distinguishes_kernel_shapes(monkeypatch):
@@ -394,3 +464,10 @@ def test_bad_input():
     assert layer.forward_mode == "auto"
     layer.forward_mode = "factorized"
     assert "forward_mode='factorized'" in repr(layer)
+
+
+def test_float_layer_shape_is_refused_not_truncated():
+    with pytest.raises(ValueError, match="2.9"):
+        TensorizedLinear(64, 16, format="tt", rank=2, shape=(2.9, 4, 8, 4, 4))
+    with pytest.raises(ValueError, match="2.0"):
+        TensorizedLinear(64, 16, format="tt", rank=2, shape=((2.0, 4, 8), (4, 4)))

@@ -433,3 +433,86 @@ def test_wrapper_state_is_the_base_state(kind):
     assert torch.equal(opt.base_optimizer.state[params[0]]["momentum_buffer"], torch.zeros_like(params[0]))
     clone = copy.deepcopy(opt)
     assert clone.state is clone.base_optimizer.state
+
+
+# -- load_state_dict refuses, at load time and changing nothing, a state that does not fit ----------
+def saved_and_fresh(kind="das", base=torch.optim.SGD, shapes=None):
+    """A state dict after 2 steps, and a fresh wrapper (1 step taken) on a model whose parameter
+    shapes are ``shapes(p.shape)`` (default: the same)."""
+    params, groups, loss_fn = toy()
+    opt = make(kind, params, groups, base=base)
+    train(opt, loss_fn, 2)
+    params2, groups2, loss_fn2 = toy(seed=1)
+    if shapes is not None:
+        index = {id(p): i for i, p in enumerate(params2)}
+        params2 = [nn.Parameter(torch.randn(*shapes(p.shape), dtype=p.dtype)) for p in params2]
+        groups2 = [[params2[index[id(p)]] for p in g] for g in groups2]
+    opt2 = make(kind, params2, groups2)
+    if shapes is None:
+        train(opt2, loss_fn2, 1)
+    return opt.state_dict(), opt2
+
+
+def assert_refused_and_unchanged(opt, state_dict, match):
+    before = copy.deepcopy(opt.state_dict())
+    groups, state = opt.param_groups, opt.state
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(state_dict)
+    after = opt.state_dict()
+    assert opt.param_groups is groups and opt.state is state
+    assert after["param_groups"] == before["param_groups"]
+    assert after["state"].keys() == before["state"].keys()
+    for i, entry in before["state"].items():
+        assert entry.keys() == after["state"][i].keys()
+        assert all(torch.equal(v, after["state"][i][k]) for k, v in entry.items())
+
+
+@pytest.mark.parametrize("kind", ["das", "sam", "rebalance"])
+def test_optimizer_state_of_another_shape_is_refused_at_load(kind):
+    """A DAS state from a differently shaped model loaded silently and failed at the next step."""
+    saved, opt = saved_and_fresh(kind, shapes=lambda s: s[::-1])   # (4, 3) -> (3, 4), ...
+    assert_refused_and_unchanged(opt, saved, r"'momentum_buffer' of parameter 0 has shape \(4, 3\), expected \(3, 4\)")
+
+
+def test_optimizer_state_of_another_group_layout_is_refused_at_load():
+    saved, opt = saved_and_fresh()
+    saved["param_groups"][0]["params"] = saved["param_groups"][0]["params"][:-1]
+    assert_refused_and_unchanged(opt, saved, r"param groups of \[5\] parameters.*has \[6\]")
+
+
+def test_optimizer_state_of_another_base_optimizer_is_refused_at_load():
+    """An Adam-based state in an SGD-based wrapper gave KeyError: 'momentum' (or ran on, silently)."""
+    saved, opt = saved_and_fresh(base=torch.optim.Adam)
+    assert_refused_and_unchanged(opt, saved, "saved with base optimizer Adam, but this DAS wraps SGD")
+    for g in saved["param_groups"]:
+        g["base_optimizer"] = "SGD"                 # a mislabelled state: its keys still tell
+    assert_refused_and_unchanged(opt, saved, r"holds \['exp_avg', 'exp_avg_sq', 'step'\], which SGD does not keep")
+    sgd_saved, _ = saved_and_fresh(base=torch.optim.SGD)
+    adam = make("das", *toy()[:2], base=torch.optim.Adam)
+    for g in sgd_saved["param_groups"]:
+        g["base_optimizer"] = "Adam"
+    assert_refused_and_unchanged(adam, sgd_saved, r"\['momentum_buffer'\], which Adam does not keep")
+
+
+def test_first_layout_state_of_another_base_optimizer_is_refused_at_load():
+    """A first-layout state dict names no base optimizer: its hyperparameters and keys tell."""
+    from pathlib import Path
+
+    v1 = torch.load(Path(__file__).parent / "data" / "optim_v1_state_dicts.pt", weights_only=True)
+    adam_state = v1["rebalance-Adam"]["state_dict"]
+    _, opt = saved_and_fresh("rebalance")
+    assert_refused_and_unchanged(opt, adam_state, r"hyperparameters \[.*'betas'.*lacks \['dampening', 'momentum'")
+    no_state = {**adam_state, "base": {**adam_state["base"], "state": {}}}
+    assert_refused_and_unchanged(opt, no_state, "saved with another base optimizer")
+
+
+def test_a_subclass_of_a_torch_optimizer_loads_its_own_state():
+    class MomentumSGD(torch.optim.SGD):
+        pass
+
+    params, groups, loss_fn = toy()
+    opt = make("das", params, groups, base=MomentumSGD, lr=0.05, momentum=0.9)
+    train(opt, loss_fn, 2)
+    opt2 = make("das", params, groups, base=MomentumSGD, lr=0.05, momentum=0.9)
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.step_count == 2 and set(opt2.state[params[0]]) == {"momentum_buffer"}

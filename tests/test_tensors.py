@@ -2,6 +2,7 @@
 gradients, the unified initialisation, validation and parameter counts."""
 
 import math
+import re
 
 import pytest
 import tensorly as tl
@@ -269,3 +270,48 @@ def test_from_dense_draws_nothing_from_the_global_rng(fmt):
     before = torch.get_rng_state()
     get_format(fmt).from_dense(x, rank)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+# -- a size that is not an integer is refused, never truncated ------------------------------------
+X = torch.randn(4, 5, 6)
+
+
+@pytest.mark.parametrize("build,bad", [
+    (lambda: Tucker((4, 5, 6), (2.7, 3.9, 1.5)), "2.7"),     # was silently (2, 3, 1)
+    (lambda: Tucker((4, 5, 6), (2, 3.0, 1)), "3.0"),         # whole floats too
+    (lambda: CP((4, 5, 6), 2.7), "2.7"),
+    (lambda: CP((4, 5, 6), [3.0]), "3.0"),
+    (lambda: TT((4, 5, 6), (2, 2.5)), "2.5"),
+    (lambda: TT((4, 5, 6), (2, True)), "True"),
+    (lambda: TTM((2, 3), (2, 3), (1.5,)), "1.5"),
+    (lambda: TR((4, 5, 6), (2, 3, 1.99)), "1.99"),
+    (lambda: Tucker.from_dense(X, (2.7, 3.9, 1.5)), "2.7"),
+    (lambda: CP.from_dense(X, 2.5), "2.5"),
+    (lambda: TT.from_dense(X, (2.0, 2)), "2.0"),
+    (lambda: TR.from_dense(X, (1, 2.2, 2)), "2.2"),
+    (lambda: TTM.from_matrix(torch.randn(6, 6), (2, 3), (2, 3), (2.5,)), "2.5"),
+])
+def test_float_rank_is_refused_not_truncated(build, bad):
+    with pytest.raises(ValueError, match=rf"rank.*{re.escape(bad)}"):
+        build()
+
+
+@pytest.mark.parametrize("build,name,bad", [
+    (lambda: CP((4, 5.5, 6), 2), "shape", "5.5"),
+    (lambda: Tucker((4.0, 5, 6), 2), "shape", "4.0"),
+    (lambda: TT((4, 5, 6.9), 2), "shape", "6.9"),
+    (lambda: TR((4, 5, 2.5), 2), "shape", "2.5"),
+    (lambda: TT((4, False, 6), 2), "shape", "False"),
+    (lambda: TTM((2, 3.5), (2, 3), 1), "row_modes", "3.5"),
+    (lambda: TTM((2, 3), (2.0, 3), 1), "col_modes", "2.0"),
+    (lambda: TTM.from_matrix(torch.randn(6, 6), (2, 3), (2, 3.0), 1), "col_modes", "3.0"),
+])
+def test_float_shape_is_refused_not_truncated(build, name, bad):
+    with pytest.raises(ValueError, match=rf"{name}.*{re.escape(bad)}"):
+        build()
+
+
+def test_integer_sizes_of_every_integer_type_still_work():
+    np = pytest.importorskip("numpy")
+    assert Tucker(torch.Size([4, 5, 6]), (np.int64(2), torch.tensor(3), 1)).rank == (2, 3, 1)
+    assert TT(np.array([4, 5, 6]), 2).shape == (4, 5, 6)

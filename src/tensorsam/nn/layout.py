@@ -9,11 +9,13 @@ group of modes off them.  Formats that store the weight differently override it
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 
 from ..tensors import TTM, FactorizedTensor, get_format
+from ..tensors.base import validate_shape
 from ..tensors.shapes import balanced_factors
 
 # formats whose default tensorization keeps the natural (in, [k*k], out) modes
@@ -41,16 +43,15 @@ def split_shape(shape, in_size: int, out_size: int, kernel: int | None) -> tuple
     expected = (f"(in modes with product {in_size}, " + (f"{kernel}, " if kernel is not None else "")
                 + f"out modes with product {out_size})")
     try:
-        if len(shape) == 2 and not isinstance(shape[0], int) and not isinstance(shape[1], int):
-            ins, outs = (tuple(int(s) for s in shape[0]), tuple(int(s) for s in shape[1]))
-            if math.prod(ins) == in_size and math.prod(outs) == out_size and all(ins) and all(outs):
-                return ins, outs
-            raise ValueError(f"shape {shape!r} does not match the layer: expected {expected}")
-        flat = tuple(int(s) for s in shape)
+        pair = len(shape) == 2 and not isinstance(shape[0], numbers.Number) and not isinstance(shape[1], numbers.Number)
     except TypeError:
         raise ValueError(f"shape must be a sequence of positive ints, got {shape!r}") from None
-    if any(s <= 0 for s in flat):
-        raise ValueError(f"shape must contain positive ints, got {shape!r}")
+    if pair:   # floats are refused, never truncated (validate_shape)
+        ins, outs = validate_shape(shape[0], "shape (in modes)"), validate_shape(shape[1], "shape (out modes)")
+        if math.prod(ins) == in_size and math.prod(outs) == out_size:
+            return ins, outs
+        raise ValueError(f"shape {shape!r} does not match the layer: expected {expected}")
+    flat = validate_shape(shape)
     for i in range(1, len(flat)):
         rest = flat[i:] if kernel is None else flat[i + 1:]
         if (math.prod(flat[:i]) == in_size and rest and math.prod(rest) == out_size

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import numbers
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -96,32 +97,73 @@ def tensorize(model: nn.Module, format: str, rank, decompose: bool = False, incl
     shapes = dict(shape or {})
     summary = TensorizeSummary(fmt, params_before=count_parameters(model))
     targets = [(n, m) for n, m in model.named_modules() if type(m) in TENSORIZED_LAYERS]
+    if not targets:
+        raise ValueError(f"nothing to tensorize: {type(model).__name__} has no nn.Linear or nn.Conv2d layer "
+                         f"({summary.params_before:,} parameters)")
     unknown = set(ranks or ()) - {n for n, _ in targets}
     if unknown:  # checked before anything is replaced
         raise ValueError(f"rank given for unknown layers {sorted(unknown)}")
-    for name, layer in targets:
-        if (include is not None and not _matches(name, include)) or _matches(name, exclude):
+    selected = [(n, m) for n, m in targets
+                if (include is None or _matches(n, include)) and not _matches(n, exclude)]
+    if not selected:
+        raise ValueError(f"no layer matches include={include!r}, exclude={exclude!r}; the Linear/Conv2d "
+                         f"layers are {[n for n, _ in targets]}")
+    # build every replacement first: a layer that cannot be replaced leaves the model untouched
+    replacements = []
+    for name, layer in selected:
+        reason = _skip_reason(layer, min_params, ranks is not None and name not in ranks)
+        if reason:
+            summary.skipped.append((name, reason))
             continue
-        if layer.weight.numel() < min_params:
-            summary.skipped.append((name, f"{layer.weight.numel()} weights < min_params={min_params}"))
-            continue
-        if ranks is not None and name not in ranks:
-            summary.skipped.append((name, "no rank given"))
-            continue
-        if isinstance(layer, nn.Conv2d):
-            try:
-                check_convertible_conv(layer)
-            except ValueError as err:
-                summary.skipped.append((name, str(err)))
-                continue
         r = rank if ranks is None else ranks[name]
-        new = _replacement(layer, fmt, r, decompose, shapes.get(name), forward_mode, decompose_kwargs)
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, new)
-        summary.layers.append(LayerRow(name, type(layer).__name__.replace("Conv2d", "Conv"),
-                                       count_parameters(layer), count_parameters(new)))
+        try:
+            new = _replacement(layer, fmt, r, decompose, shapes.get(name), forward_mode, decompose_kwargs)
+        except ValueError as err:
+            raise ValueError(f"layer {name!r} cannot be tensorized ({err}); the model is left unchanged") from err
+        except Exception as err:
+            err.add_note(f"while tensorizing layer {name!r}; the model is left unchanged")
+            raise
+        replacements.append((name, layer, new, r))
+    _swap(model, replacements)
+    for name, layer, new, r in replacements:
+        row = LayerRow(name, type(layer).__name__.replace("Conv2d", "Conv"), count_parameters(layer),
+                       count_parameters(new))
+        summary.layers.append(row)
+        if row.params_after > row.params_before:
+            warnings.warn(f"tensorize: layer {name!r} grows from {row.params_before:,} to {row.params_after:,} "
+                          f"parameters (ratio {row.ratio:.2f}x < 1) at format={fmt!r}, rank={r!r}",
+                          stacklevel=2)
     summary.params_after = count_parameters(model)
     return summary
+
+
+def _skip_reason(layer, min_params: int, no_rank: bool) -> str | None:
+    """Why a selected layer is kept dense (``None``: it is replaced)."""
+    if layer.weight.numel() < min_params:
+        return f"{layer.weight.numel()} weights < min_params={min_params}"
+    if no_rank:
+        return "no rank given"
+    if isinstance(layer, nn.Conv2d):
+        try:
+            check_convertible_conv(layer)
+        except ValueError as err:
+            return str(err)
+    return None
+
+
+def _swap(model: nn.Module, replacements) -> None:
+    """Put each new layer in its old one's place; if any assignment fails, the old ones return."""
+    done = []
+    try:
+        for name, old, new, _ in replacements:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, attr, new)
+            done.append((parent, attr, old))
+    except BaseException:
+        for parent, attr, old in reversed(done):
+            setattr(parent, attr, old)
+        raise
 
 
 def _replacement(layer, fmt, rank, decompose, shape, forward_mode, decompose_kwargs) -> nn.Module:

@@ -56,6 +56,41 @@ def _param_ids(params) -> set[int]:
     return out
 
 
+# The per-parameter state keys of torch's optimizers, by class name: a state holding keys of
+# another one was saved with another base optimizer (an unlisted base optimizer is not checked).
+STATE_KEYS = {
+    "SGD": frozenset({"momentum_buffer"}),
+    "Muon": frozenset({"momentum_buffer"}),
+    "Adam": frozenset({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}),
+    "AdamW": frozenset({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}),
+    "SparseAdam": frozenset({"step", "exp_avg", "exp_avg_sq"}),
+    "RAdam": frozenset({"step", "exp_avg", "exp_avg_sq"}),
+    "NAdam": frozenset({"step", "mu_product", "exp_avg", "exp_avg_sq"}),
+    "Adamax": frozenset({"step", "exp_avg", "exp_inf"}),
+    "Adagrad": frozenset({"step", "sum"}),
+    "Adadelta": frozenset({"step", "square_avg", "acc_delta"}),
+    "RMSprop": frozenset({"step", "square_avg", "momentum_buffer", "grad_avg"}),
+    "Rprop": frozenset({"step", "prev", "step_size"}),
+    "ASGD": frozenset({"step", "eta", "mu", "ax"}),
+    "Adafactor": frozenset({"step", "row_var", "col_var", "variance"}),
+    "LBFGS": frozenset({"func_evals", "n_iter", "d", "t", "old_dirs", "old_stps", "ro", "H_diag",
+                        "prev_flat_grad", "prev_loss", "al"}),
+}
+ALL_STATE_KEYS = frozenset().union(*STATE_KEYS.values())
+# state keys that are always shaped like their parameter
+PARAM_SHAPED = frozenset({"momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "sum",
+                          "square_avg", "acc_delta", "grad_avg", "prev", "step_size", "ax"})
+
+
+def _known_state_keys(base: torch.optim.Optimizer) -> frozenset | None:
+    """The state keys :data:`STATE_KEYS` lists for ``base``'s class (or the nearest listed base
+    class, for a subclass of a torch optimizer), or ``None``."""
+    for cls in type(base).__mro__:
+        if cls.__name__ in STATE_KEYS:
+            return STATE_KEYS[cls.__name__]
+    return None
+
+
 def _upgrade(state_dict: dict, base_name: str) -> dict:
     """A state dict of the first layout (``"base"`` + ``"wrapper"``, no base class name) in torch's
     layout, taken to be of base optimizer ``base_name``."""
@@ -165,12 +200,16 @@ class WrappedOptimizer(torch.optim.Optimizer):
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load :meth:`state_dict`, or a state dict of the first layout.  A state dict of a plain
-        optimizer, or of a wrapper around another base optimizer, is refused."""
+        """Load :meth:`state_dict`, or a state dict of the first layout.  Refused, with nothing
+        changed, are: a state dict of a plain optimizer, or of a wrapper around another base
+        optimizer (by its recorded class name or, in the first layout, by its hyperparameters and
+        state keys, e.g. Adam's ``exp_avg`` in an SGD wrapper); and per-parameter state shaped
+        unlike the parameters (a state dict of a differently shaped model)."""
         if not isinstance(state_dict, dict) or "param_groups" not in state_dict:
             raise ValueError("not an optimizer state dict: expected the keys 'state' and 'param_groups'")
         mine = type(self.base_optimizer).__name__
-        if "base" in state_dict:
+        first_layout = "base" in state_dict
+        if first_layout:
             state_dict = _upgrade(state_dict, mine)
         for g in state_dict["param_groups"]:
             if BASE not in g:
@@ -179,12 +218,61 @@ class WrappedOptimizer(torch.optim.Optimizer):
             if g[BASE] != mine:
                 raise ValueError(f"this state dict was saved with base optimizer {g[BASE]}, but this "
                                  f"{type(self).__name__} wraps {mine}")
+        params = self._saved_index_to_param(state_dict["param_groups"])
+        if first_layout:
+            self._check_hyperparameters(state_dict["param_groups"])
+        for index, entry in state_dict.get("state", {}).items():
+            if index in params and isinstance(entry, dict):
+                self._check_param_state(index, entry, params[index])
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         for g in self.param_groups:
             for k, v in {**self.defaults, STEP: 0, SKIPPED: 0, BASE: mine}.items():
                 g.setdefault(k, v)
+
+    # -- load_state_dict's checks, made before anything is loaded --------------------------------
+    def _saved_index_to_param(self, saved_groups: list) -> dict:
+        """The parameter each saved state index stands for (torch pairs them in group order)."""
+        sizes = [len(g["params"]) for g in saved_groups]
+        mine = [len(g["params"]) for g in self.param_groups]
+        if sizes != mine:
+            raise ValueError(f"this state dict has param groups of {sizes} parameters, but this "
+                             f"{type(self).__name__} has {mine}: it was saved for another model")
+        return dict(zip((i for g in saved_groups for i in g["params"]),
+                        (p for g in self.param_groups for p in g["params"])))
+
+    def _check_hyperparameters(self, saved_groups: list) -> None:
+        """A first-layout state dict records no base class name: one whose groups both lack
+        hyperparameters of this base optimizer and have others was saved with another one."""
+        for k, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            extra, missing = set(saved) - set(group), set(group) - set(saved) - set(GROUP_KEYS)
+            if extra and missing:
+                raise ValueError(f"param group {k} of this state dict has hyperparameters {sorted(extra)} and "
+                                 f"lacks {sorted(missing)} of {type(self.base_optimizer).__name__}: it was "
+                                 "saved with another base optimizer")
+
+    def _check_param_state(self, index, entry: dict, param: torch.Tensor) -> None:
+        """The state of one parameter: keys this base optimizer keeps, tensors of the right shape
+        (the parameter's for buffers like momentum; the current state's for other keys)."""
+        mine = type(self.base_optimizer).__name__
+        known = _known_state_keys(self.base_optimizer)
+        foreign = sorted((set(entry) & ALL_STATE_KEYS) - known) if known is not None else []
+        if foreign:
+            owners = sorted(n for n, keys in STATE_KEYS.items() if set(entry) & ALL_STATE_KEYS <= keys)
+            raise ValueError(f"the state of parameter {index} holds {foreign}, which {mine} does not keep: "
+                             f"this state dict was saved with another base optimizer "
+                             f"({' or '.join(owners) or 'unknown'})")
+        live = self.state.get(param, {})
+        for key, value in entry.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            now = live.get(key)
+            want = now.shape if isinstance(now, torch.Tensor) else param.shape if key in PARAM_SHAPED else None
+            if want is not None and value.shape != want:
+                own = "" if want == param.shape else f" (the parameter's is {tuple(param.shape)})"
+                raise ValueError(f"state {key!r} of parameter {index} has shape {tuple(value.shape)}, expected "
+                                 f"{tuple(want)}{own}: this state dict was saved for a differently shaped model")
 
     # -- the step ---------------------------------------------------------------------------------
     def _params_with_grad(self) -> list[torch.Tensor]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextvars
 import math
 import numbers
+import operator
 from collections.abc import Sequence
 
 import opt_einsum
@@ -44,14 +45,39 @@ def get_format(name: str) -> type[FactorizedTensor]:
     return FORMATS[key]
 
 
-def validate_shape(shape, name: str = "shape") -> tuple[int, ...]:
-    """Return ``shape`` as a tuple of positive ints or raise a ``ValueError`` naming ``name``."""
-    if isinstance(shape, int):
-        shape = (shape,)
+def _integer(value) -> int:
+    """``value`` as an int when it is an integer (a Python int, a numpy integer, a one-element integer
+    torch tensor); a float (even a whole one such as ``3.0``), a bool or anything else is a
+    ``TypeError``, so that a bad size is refused rather than truncated by ``int()``."""
+    if isinstance(value, bool) or getattr(value, "dtype", None) == torch.bool:
+        raise TypeError(f"entry {value!r} is a bool, not an integer")
     try:
-        out = tuple(int(s) for s in shape)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a sequence of positive ints, got {shape!r}") from None
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"entry {value!r} is not an integer") from None
+
+
+def _integers(values, name: str, expected: str) -> tuple[int, ...]:
+    """Each entry of the sequence ``values`` as an int, or a ``ValueError`` naming the bad entry."""
+    try:
+        items = tuple(values)
+    except TypeError:
+        raise ValueError(f"{name} must be {expected}, got {values!r}") from None
+    out = []
+    for v in items:
+        try:
+            out.append(_integer(v))
+        except TypeError as e:
+            raise ValueError(f"{name}: {e}; expected {expected}, got {values!r}") from None
+    return tuple(out)
+
+
+def validate_shape(shape, name: str = "shape") -> tuple[int, ...]:
+    """Return ``shape`` as a tuple of positive ints or raise a ``ValueError`` naming ``name``
+    (and the bad entry: a float such as ``2.5`` or ``3.0`` is refused, never truncated)."""
+    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
+        shape = (shape,)
+    out = _integers(shape, name, "a non-empty sequence of positive ints")
     if len(out) == 0 or any(s <= 0 for s in out):
         raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {shape!r}")
     return out
@@ -60,19 +86,19 @@ def validate_shape(shape, name: str = "shape") -> tuple[int, ...]:
 def validate_rank(rank, length: int, name: str = "rank", form: str = "") -> tuple[int, ...]:
     """Expand an int rank to ``length`` entries, or check a per-mode sequence.
 
-    A wrong length or a non-positive entry raises a ``ValueError`` that names the argument
-    and the expected form (``form`` describes it, e.g. "the N-1 inner TT ranks").
+    A wrong length, a non-positive entry or one that is not an integer (a float such as ``2.7``
+    or ``3.0``, a bool) raises a ``ValueError`` that names the argument, the bad value and the
+    expected form (``form`` describes it, e.g. "the N-1 inner TT ranks").
     """
     expected = f"an int or a sequence of {length} positive ints" + (f" ({form})" if form else "")
     if isinstance(rank, bool):
         raise ValueError(f"{name} must be {expected}, got {rank!r}")  # noqa: TRY004 (the contract: bad ranks are ValueErrors)
     if isinstance(rank, numbers.Integral):  # numpy ints too
         ranks = (int(rank),) * length
+    elif isinstance(rank, numbers.Number):
+        raise ValueError(f"{name}: {rank!r} is not an integer; expected {expected}")  # noqa: TRY004
     else:
-        try:
-            ranks = tuple(int(r) for r in rank)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be {expected}, got {rank!r}") from None
+        ranks = _integers(rank, name, expected)
         if len(ranks) != length:
             raise ValueError(f"{name} has {len(ranks)} entries; expected {expected}, got {rank!r}")
     if any(r <= 0 for r in ranks):
