@@ -165,9 +165,9 @@ def main(argv=None) -> int:
     if full:
         lines.append("- the measured runs went first, so setup + compilation in the table's other columns "
                      "is for a process that had compiled already (what the 'setup' column then shows is small).")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    from tensorsam.run.io import atomic_write_text
+
+    atomic_write_text(Path(args.out), "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

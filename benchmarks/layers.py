@@ -252,8 +252,9 @@ def main(argv=None) -> int:
     if goals is not None:
         for line in goal_lines(goals):
             console.print(line.replace("**", ""))
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(markdown(rows, goals, info, args.repeats))
+        from tensorsam.run.io import atomic_write_text
+
+        atomic_write_text(args.out, markdown(rows, goals, info, args.repeats))
         console.print(f"written {args.out}")
     for line in summary_lines(rows) if rows else []:
         console.print(line)

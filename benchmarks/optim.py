@@ -323,11 +323,10 @@ def main(argv=None) -> int:
     console = Console()
     console.print(table)
     console.print(check)
+    from tensorsam.run.io import atomic_write_text
+
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(md)
-    os.replace(tmp, out)
+    atomic_write_text(out, md)
     console.print(f"wrote {out}")
     return 0
 

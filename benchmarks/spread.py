@@ -226,8 +226,9 @@ def main(argv=None) -> int:
     md += [f"| {label}{'' if 'µs' in label else ', ms'} | {v:.2f} | {n} |" for label, v, n in absolute]
     text = "\n".join(md) + "\n"
     print(text)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    # tensorsam's atomic write, from this script's own checkout (the tree measured may predate it)
+    io = load(Path(__file__).resolve().parents[1] / "src" / "tensorsam" / "run" / "io.py", "spread_io")
+    io.atomic_write_text(out, text)
     print(f"wrote {out}")
     return 0
 

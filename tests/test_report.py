@@ -163,3 +163,19 @@ def test_notes_and_reference_comparison(tmp_path):
     write_results(path, task="completion", config={}, runs=_runs(), extra=extra, started=time.time())
     with pytest.raises(ValueError, match="'reference' must be"):
         load_results(path)
+
+
+def test_diverged_runs_are_marked_and_left_out_of_the_means(tmp_path):
+    runs = _runs()
+    for r in runs:
+        r["status"] = "ok"
+    runs[1].update(status="diverged", diverged_at=37, train_r2=0.5, heldout_r2=None, train_rmse=None)
+    _, metrics, stats = summarize(runs)
+    assert "diverged_at" not in metrics
+    mean, _, k, n = stats[("adam", "train_r2")]
+    assert (k, n) == (2, 3) and mean == pytest.approx((0.949 + 0.950) / 2)     # 0.5 left out
+    path = _write(tmp_path / "results.json", runs=runs)
+    _, text = make_report([path], tmp_path, figures=False)
+    assert "3 of 9 runs" not in text and "9 runs (1 diverged)" in text
+    assert "- **diverged**: adam, seed 87 at step 37" in text
+    assert "| train R² | 0.94950 ± 0.00071 (2 of 3) |" in text

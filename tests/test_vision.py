@@ -71,3 +71,12 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(args, message, tmp_path, 
     assert main(["vision", "--out", str(out), "--no-progress", *args]) == 2
     assert message in capsys.readouterr().err
     assert not (out / "results.json").exists()
+
+
+def test_a_diverged_cell_is_recorded_and_the_grid_carries_on(tmp_path):
+    out = tmp_path / "out"
+    code = main(["vision", "--out", str(out), "--methods", "sgd,sam", "--set", "lr=1e30", "--set", "weight_decay=0",
+                 *SMALL])
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert code == 3 and {r["status"] for r in runs} == {"diverged"} and len(runs) == 2
+    assert all(isinstance(r["diverged_at"], int) for r in runs)

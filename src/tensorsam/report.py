@@ -7,8 +7,9 @@ For each results file (or, with ``pool=True``, each task pooled over files) the 
   metrics side by side).
 
 Each cell is ``mean ± std (n)`` over the runs of that method (usually one per seed), with the
-sample standard deviation (ddof = 1).  Non-finite values are left out of the statistics and
-the cell then shows ``(k of n)``.  Figures come from the task registry
+sample standard deviation (ddof = 1).  Non-finite or ``null`` values, and every value of a run
+whose ``status`` is ``"diverged"``, are left out of the statistics and the cell then shows
+``(k of n)``; the diverged runs are listed under the tables with their step.  Figures come from the task registry
 (:mod:`tensorsam.tasks.registry`) when the file's task is registered with a figures function.  A
 results file may name the run fields to group by in a
 top-level ``"group_by"`` list (for example ``["method", "noise"]``); the default groups by
@@ -26,7 +27,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from tensorsam.run.io import atomic_write_text
+from tensorsam.run.io import atomic_write_text, check_writable_dir
 
 # preferred column order; other numeric metrics follow alphabetically
 METRIC_ORDER = (
@@ -44,7 +45,7 @@ METRIC_ORDER = (
     "wall_seconds",
 )
 # numeric run fields that identify a run rather than measure it
-NOT_METRICS = frozenset({"seed", "mask_seed", "iterations", "total_iterations"})
+NOT_METRICS = frozenset({"seed", "mask_seed", "iterations", "total_iterations", "diverged_at"})
 GROUP_KEYS = ("method", "name", "label")
 
 
@@ -125,7 +126,8 @@ def summarize(
 
     Runs are grouped by ``group_by`` (run fields, e.g. ``["method", "noise"]``) when given,
     else by the first of ``method``/``name``/``label`` they have.  ``k`` counts the finite values
-    used, ``n`` the method's runs; ``std`` is the sample standard deviation (NaN when k < 2).
+    used (none from a diverged run), ``n`` the method's runs; ``std`` is the sample standard
+    deviation (NaN when k < 2).
     """
     methods: list[str] = []
     groups: dict[str, list[dict]] = {}
@@ -139,7 +141,8 @@ def summarize(
     stats = {}
     for m in methods:
         for key in metrics:
-            vals = [float(r[key]) for r in groups[m] if _is_number(r.get(key)) and math.isfinite(r[key])]
+            vals = [float(r[key]) for r in groups[m]
+                    if not diverged(r) and _is_number(r.get(key)) and math.isfinite(r[key])]
             k = len(vals)
             mean = sum(vals) / k if k else math.nan
             std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (k - 1)) if k > 1 else math.nan
@@ -213,6 +216,22 @@ def tables(runs: Sequence[dict], group_by: Sequence[str] | None = None, referenc
     return f"{text}\n\n{against}" if against else text
 
 
+def diverged(run: dict) -> bool:
+    """Whether a run's ``status`` says it diverged."""
+    return run.get("status") == "diverged"
+
+
+def diverged_note(runs: Sequence[dict], group_by: Sequence[str] | None = None) -> str:
+    """The diverged runs, one bullet each with the step (empty when none diverged)."""
+    lines = []
+    for r in (r for r in runs if diverged(r)):
+        name = _group_of(r, group_by) + (f", seed {r['seed']}" if "seed" in r else "")
+        lines.append(f"- **diverged**: {name} at step {r.get('diverged_at', '?')}")
+    if not lines:
+        return ""
+    return "Diverged runs (non-finite loss; left out of the means above):\n\n" + "\n".join(lines)
+
+
 def _summary_line(results: dict) -> str:
     runs = results["runs"]
     seeds = sorted(
@@ -220,7 +239,8 @@ def _summary_line(results: dict) -> str:
         key=lambda s: (not _is_number(s), s if _is_number(s) else str(s)),
     )
     prov = results.get("provenance") or {}
-    parts = [f"task `{results['task']}`", f"{len(runs)} runs"]
+    bad = sum(1 for r in runs if diverged(r))
+    parts = [f"task `{results['task']}`", f"{len(runs)} runs" + (f" ({bad} diverged)" if bad else "")]
     if seeds:
         parts.append("seeds " + ", ".join(str(s) for s in seeds))
     if _is_number(results.get("wall_seconds")):
@@ -270,7 +290,7 @@ def make_report(
         raise ValueError("give at least one results file")
     paths = [Path(p) for p in paths]
     loaded = [load_results(p) for p in paths]
-    out_dir = Path(out_dir) if out_dir is not None else paths[0].parent
+    out_dir = check_writable_dir(out_dir if out_dir is not None else paths[0].parent)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     sections: list[tuple[str, list[dict], list[tuple[Path, dict]]]] = []
@@ -292,6 +312,8 @@ def make_report(
             lines += [f"- `{p}`: {_summary_line(res)}"]
         first = items[0][1]
         lines += ["", tables(runs, first.get("group_by"), first.get("reference")), ""]
+        note = diverged_note(runs, first.get("group_by"))
+        lines += [note, ""] if note else []
         for p, res in items:
             notes = res.get("notes") or []
             lines += [f"> {note}" for note in ([notes] if isinstance(notes, str) else notes)]

@@ -7,7 +7,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from tensorsam.commands import add_task_arguments, run_task, task_config
+from tensorsam.commands import add_task_arguments, divergence_status, run_task, task_config
 from tensorsam.run.config import overrides_from
 
 # The paper's full protocol (50 000 iterations x 3 seeds x 5 methods) takes ~10-25 minutes here
@@ -71,5 +71,5 @@ def run(args) -> int:
         for line in summary_lines(result["runs"]):
             print(line)
         print(f"wrote {Path(args.out) / 'results.json'}")
-        return 0
+        return divergence_status(result["runs"], args.allow_divergence)
     return run_task("completion", config_from_args(args), args, started, figures=False)

@@ -1,12 +1,16 @@
 """Files: every atomic write of the package (temporary file in the same folder, fsync,
-``os.replace``), checkpoints loaded with ``weights_only=True``, and JSON conversion.  A crash
-never leaves a half-written file."""
+``os.replace``), checkpoints loaded with ``weights_only=True``, strict JSON conversion, and the
+check that an output folder can be written before any work starts.  A crash never leaves a
+half-written file, and a file written here gets the mode a plain ``open`` would give it (the
+user's umask for a new file, the old mode for a replaced one), not ``mkstemp``'s 0600."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import stat
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +21,11 @@ import torch
 
 
 def to_jsonable(obj: Any) -> Any:
+    """``obj`` as JSON-ready Python: dataclasses, mappings, sequences, tensors, numpy values and paths
+    converted; a non-finite float (NaN, ±inf) becomes ``None`` (JSON ``null``), so the result is
+    strict JSON.  Anything else becomes its ``repr``."""
+    if isinstance(obj, float):
+        return float(obj) if math.isfinite(obj) else None
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, Mapping):
@@ -28,20 +37,45 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return to_jsonable(obj.tolist())
     if isinstance(obj, np.generic):
-        return obj.item()
+        return to_jsonable(obj.item())
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
+    if isinstance(obj, (str, int, bool)) or obj is None:
         return obj
     return repr(obj)
 
 
+def current_umask() -> int:
+    """The process's umask, read from ``/proc/self/status`` where Linux has it (no change to the
+    process state), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(path: Path) -> int:
+    """The mode ``open(path, "w")`` would leave: the old file's, or 0o666 less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~current_umask()
+
+
 def atomic_write(path, write, check=None) -> None:
-    """Write through a temporary file in the same folder; ``check(tmp)`` may veto before ``os.replace``."""
+    """Write through a temporary file in the same folder; ``check(tmp)`` may veto before ``os.replace``.
+    The file gets the mode a plain ``open`` would give it (see the module docstring)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _mode_for(path))
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -58,12 +92,13 @@ def atomic_write(path, write, check=None) -> None:
 
 
 def atomic_write_json(path, obj) -> None:
-    """Write ``obj`` as indented JSON through a temporary file and ``os.replace``.
+    """Write ``obj`` as indented, strict JSON through a temporary file and ``os.replace``.
 
-    Tensors, numpy values, dataclasses and paths are converted; non-finite floats are
-    written as JSON ``NaN``/``Infinity``, which Python's ``json`` reads back.
+    Tensors, numpy values, dataclasses and paths are converted (:func:`to_jsonable`); a non-finite
+    float is written as ``null`` (never the non-standard ``NaN``/``Infinity``), so a results file
+    must say elsewhere (a run's ``status``) why a value is missing.
     """
-    data = json.dumps(to_jsonable(obj), indent=2).encode() + b"\n"
+    data = json.dumps(to_jsonable(obj), indent=2, allow_nan=False).encode() + b"\n"
     atomic_write(path, lambda fh: fh.write(data))
 
 
@@ -111,6 +146,31 @@ def load_checkpoint(path) -> dict:
     return obj
 
 
+def check_writable_dir(path) -> Path:
+    """Refuse, before any work, an output folder that cannot be written; returns it as a ``Path``.
+
+    ``path`` may not exist yet (it is not created here): then its nearest existing ancestor must
+    be a folder.  A path (or ancestor) that is a file, or a folder where no file can be created
+    (probed with a temporary file, so read-only mounts and ACLs count too), raises a
+    ``ValueError`` whose one line names ``path``.
+    """
+    path = Path(path)
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        what = "is a file" if probe == path else f"lies under {probe}, which is a file"
+        raise ValueError(f"output directory {path} {what}, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=probe, prefix=".tensorsam-probe."):
+            pass
+    except OSError as err:
+        where = "" if probe == path else f" (in {probe}, where it would be made)"
+        raise ValueError(f"output directory {path} is not writable{where}: "
+                         f"{err.strerror or type(err).__name__}") from None
+    return path
 
 
 def atomic_save_figure(fig, path, **savefig_kwargs) -> Path:

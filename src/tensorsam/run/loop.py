@@ -6,6 +6,10 @@ torch/numpy/python RNG states, the iteration counter and a user dict ``loop.extr
 every ``every`` iterations, at the end, and on SIGINT/SIGTERM.  Resuming continues to a
 bit-identical result on the CPU, because the process state that decides the next step
 (parameters, optimizer moments, RNG streams) is exactly what was saved at an iteration boundary.
+
+:class:`Divergence` is the clock's companion for training loops: it keeps the first step with a
+non-finite loss on the device, without a host sync in the step, and is read at the loop's
+evaluation (logging) cadence only.
 """
 
 from __future__ import annotations
@@ -60,6 +64,55 @@ def _fmt_metric(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+class Divergence:
+    """The first step whose loss is non-finite, kept on the device and read only at evaluation points.
+
+    Each step, :meth:`update` folds that step's loss into a 0-dim int64 tensor with
+    ``torch.where`` (no ``.item()``, no Python branch on a device value); :meth:`read`, called at
+    the evaluation or logging cadence, is the one host read.  The rule (the loss counts, nothing
+    else):
+
+    - **plain steps** (``tolerant=False``): the run has diverged at the first step (1-based, the
+      ``step`` passed to :meth:`update`) whose loss at w, the forward of the step's first pass, is
+      non-finite;
+    - **steps that skip non-finite updates on purpose** (``tolerant=True``: a ``GradScaler``, or an
+      optimizer with ``skip_nonfinite=True``): such a step leaves the weights untouched, so one
+      non-finite loss is a skipped step, not a divergence.  The run has diverged when the non-finite
+      losses persist: at a read, the losses of at least the last two steps were non-finite, every one
+      since the first of the streak, which is the step reported.  A finite loss ends a streak.
+      (Non-finite *gradients* with a finite loss, the scaler's usual skip, never count.)
+
+    Under ``torch.distributed`` a read takes the earliest step over the ranks (one all-reduce), so
+    every rank stops at the same read.  The tensor lives in ``store[key]`` (e.g. a
+    :class:`Loop`'s ``extra``), so checkpoints keep it and a resumed run continues the count.
+    """
+
+    NONE = torch.iinfo(torch.int64).max   # no non-finite loss (yet)
+
+    def __init__(self, store: dict, device, *, tolerant: bool = False, key: str = "first_nonfinite"):
+        first = store.get(key)
+        first = torch.full((), self.NONE, dtype=torch.int64) if first is None else first
+        self.first = store[key] = first.to(device)
+        self.tolerant = bool(tolerant)
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        """Fold the loss of ``step`` (1-based) in; no host sync."""
+        bad = ~torch.isfinite(loss.detach()).all()
+        seen = self.first.clamp(max=step)               # the streak's first step, or this one
+        self.first.copy_(torch.where(bad, seen, self.NONE if self.tolerant else self.first))
+
+    def read(self, done: int) -> int | None:
+        """After ``done`` steps: the step at which the run diverged, or ``None`` (one host read)."""
+        first = self.first.clone()
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        first = int(first.item())
+        if first == self.NONE or (self.tolerant and first >= done):
+            return None
+        return first
 
 
 class _LineProgress:

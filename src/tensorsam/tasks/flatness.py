@@ -16,6 +16,7 @@ held-out R² are recorded.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import typing
 from dataclasses import field
@@ -26,6 +27,7 @@ import torch
 
 from tensorsam.run import load_checkpoint, write_results
 from tensorsam.run.config import AFFECTS, check_choices
+from tensorsam.run.io import check_writable_dir
 from tensorsam.tasks import figure_grid, save_figure
 from tensorsam.tasks.completion import CompletionConfig, contraction_plan, prepare, read_results, reconstruct
 from tensorsam.tasks.completion.config import Method
@@ -98,16 +100,21 @@ def curve(cores, direction, ts, plan, values, masks) -> dict[str, list[float]]:
 
 def run_flatness(cfg: FlatnessConfig, work_dir=None, *, resume: bool = False, progress: bool = False) -> dict:
     """Curves for every (method, direction); returns ``{"runs": [...], "source": ...}``.  Without
-    ``cfg.source`` a short completion runs first, into ``work_dir`` (``resume``: keep its cells)."""
+    ``cfg.source`` a short completion runs first, into ``work_dir`` (``resume``: keep its cells).
+    A curve of a solution whose completion run diverged says so (``status: "diverged"`` and the
+    run's ``diverged_at``); the others say ``status: "ok"``."""
     cfg.validate()
     if cfg.source:
         ccfg, solutions = load_source(cfg.source)
+        source_runs = read_results(cfg.source)[1]["runs"]
     else:
         from tensorsam.tasks.completion import run_completion
 
         ccfg = CompletionConfig(methods=list(cfg.methods), seeds=[cfg.seed], iterations=cfg.iterations)
         res = run_completion(ccfg, work_dir, resume=resume, progress=progress)
-        solutions = res["solutions"]
+        solutions, source_runs = res["solutions"], res["runs"]
+    diverged = {f"{r.get('method')}_seed{r.get('seed')}": r.get("diverged_at") for r in source_runs
+                if r.get("status") == "diverged"}
     ccfg = dataclasses.replace(ccfg, seeds=[cfg.seed])
     data, masks = prepare(ccfg)
     dtype = getattr(torch, ccfg.dtype)
@@ -134,7 +141,9 @@ def run_flatness(cfg: FlatnessConfig, work_dir=None, *, resume: bool = False, pr
                 c = curve(cores, d, ts, plan, data.values, masks[cfg.seed])
             mid = cfg.points // 2
             one = int(torch.argmin((ts - span / 3).abs()))  # d = span/3 (1 for the raw default)
-            runs.append({"method": method, "label": f"{method} ({kind})", "direction": kind,
+            status = ({"status": "diverged", "diverged_at": diverged[tag]} if tag in diverged
+                      else {"status": "ok"})
+            runs.append({"method": method, "label": f"{method} ({kind})", "direction": kind, **status,
                          "loss_at_0": c["loss"][mid], "heldout_r2_at_0": c["heldout_r2"][mid],
                          "loss_rise_at_third": 0.5 * (c["loss"][one] + c["loss"][cfg.points - 1 - one])
                          - c["loss"][mid],
@@ -146,8 +155,11 @@ def run_flatness(cfg: FlatnessConfig, work_dir=None, *, resume: bool = False, pr
 def run(cfg: FlatnessConfig, out_dir=None, *, resume: bool = False, progress: bool = False,
         started: float | None = None) -> dict:
     """:func:`run_flatness` as a task: its completion (without a source) runs in ``out_dir/completion``
-    and ``out_dir/results.json`` is written; returns the results written (or the curves)."""
+    and ``out_dir/results.json`` is written; returns the results written (or the curves).  An
+    ``out_dir`` that cannot be written is refused before anything runs."""
     started = time.time() if started is None else started
+    if out_dir is not None:
+        check_writable_dir(out_dir)
     work = None if out_dir is None else Path(out_dir) / "completion"
     result = run_flatness(cfg, work, resume=resume, progress=progress)
     if out_dir is None:
@@ -158,9 +170,13 @@ def run(cfg: FlatnessConfig, out_dir=None, *, resume: bool = False, progress: bo
 
 
 def summary_lines(runs: list[dict]) -> list[str]:
-    """One line per curve: the loss at the solution, its mean rise at d = ±span/3, the held-out R²."""
-    return [f"{r['label']:<18} loss at 0 {r['loss_at_0']:.4g}, mean rise at d=±span/3 "
-            f"{r['loss_rise_at_third']:.4g}, held-out R² at 0 {r['heldout_r2_at_0']:.4g}" for r in runs]
+    """One line per curve: the loss at the solution, its mean rise at d = ±span/3, the held-out R²
+    (``null`` where not finite, e.g. for the solution of a diverged run)."""
+    def g(v) -> str:
+        return "null" if v is None or not math.isfinite(v) else f"{v:.4g}"
+
+    return [f"{r['label']:<18} loss at 0 {g(r['loss_at_0'])}, mean rise at d=±span/3 "
+            f"{g(r['loss_rise_at_third'])}, held-out R² at 0 {g(r['heldout_r2_at_0'])}" for r in runs]
 
 
 def figures(results: dict, out_dir: Path) -> list[Path]:

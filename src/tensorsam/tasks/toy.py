@@ -28,6 +28,8 @@ import torch
 from tensorsam.dynamics import NormTracker
 from tensorsam.run import Sweep, result_fields, write_results
 from tensorsam.run.config import AFFECTS, axis, check_choices
+from tensorsam.run.io import check_writable_dir
+from tensorsam.run.loop import Divergence
 from tensorsam.tasks import figure_grid, save_figure
 from tensorsam.tensors import get_format
 
@@ -93,7 +95,12 @@ def make_model(cfg: ToyConfig):
 
 
 def run_one(cfg: ToyConfig, method: str, noise: float, target: torch.Tensor) -> dict:
-    """Fit one (method, noise) run; returns its record with the Q / Cov trace."""
+    """Fit one (method, noise) run; returns its record with the Q / Cov trace.
+
+    Each step's loss goes into a :class:`~tensorsam.run.loop.Divergence` (no host read in the step),
+    read at every trace row; a non-finite loss at a row is a non-finite loss of the next step.  A run
+    that diverges stops there: ``status: "diverged"`` and ``diverged_at`` (the step, 1-based), its
+    trace up to the last finite row; other runs say ``status: "ok"``."""
     from tensorsam.optim import SAM
 
     model = make_model(cfg)
@@ -110,26 +117,35 @@ def run_one(cfg: ToyConfig, method: str, noise: float, target: torch.Tensor) -> 
         return loss
 
     rows = []
+    divergence, diverged = Divergence({}, target.device), None
     t0 = time.perf_counter()
     for it in range(cfg.iterations + 1):
         if it % cfg.log_every == 0 or it == cfg.iterations:
+            diverged = divergence.read(it)
             loss = closure()  # gradient at the current point, for Cov
+            if diverged is None and not torch.isfinite(loss):
+                diverged = it + 1
+            if diverged is not None:
+                break
             dyn = tracker.compute()
             rows.append((it, loss.detach(), dyn["Q"][0], dyn["cov"][0]))
         if it == cfg.iterations:
             break
         if method == "gd":
-            closure()
+            loss = closure()
             opt.step()
         else:
-            opt.step(closure)
+            loss = opt.step(closure)
+        divergence.update(loss, it + 1)
     wall = time.perf_counter() - t0
-    table = torch.tensor([[float(i), *(float(v) for v in rest)] for i, *rest in rows])
+    table = torch.tensor([[float(i), *(float(v) for v in rest)] for i, *rest in rows]).reshape(-1, 4)
     cols = {k: table[:, j].tolist() for j, k in enumerate(("iteration", "loss", "Q", "cov"))}
     cols["iteration"] = [int(i) for i in cols["iteration"]]
-    return {"method": method, "label": f"{method} noise={noise:g}", "noise": noise,
-            "Q_initial": cols["Q"][0], "Q_final": cols["Q"][-1], "Q_ratio": cols["Q"][-1] / cols["Q"][0],
-            "final_loss": cols["loss"][-1], "wall_seconds": wall, "trace": cols}
+    status = {"status": "ok"} if diverged is None else {"status": "diverged", "diverged_at": diverged}
+    q0, q1, last = (cols["Q"][0], cols["Q"][-1], cols["loss"][-1]) if rows else (None, None, None)
+    return {"method": method, "label": f"{method} noise={noise:g}", "noise": noise, **status,
+            "Q_initial": q0, "Q_final": q1, "Q_ratio": None if q0 is None else q1 / q0,
+            "final_loss": last, "wall_seconds": wall, "trace": cols}
 
 
 def run_toy(cfg: ToyConfig, out_dir=None, *, resume: bool = False, progress: bool = False,
@@ -141,6 +157,8 @@ def run_toy(cfg: ToyConfig, out_dir=None, *, resume: bool = False, progress: boo
     ``progress`` is accepted for the task interface; the toy shows none."""
     started = time.time() if started is None else started
     cfg.validate()
+    if out_dir is not None:
+        check_writable_dir(out_dir)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     t, n = make_problem(cfg)
@@ -156,9 +174,13 @@ def run_toy(cfg: ToyConfig, out_dir=None, *, resume: bool = False, progress: boo
 
 
 def summary_lines(runs: list[dict]) -> list[str]:
-    """One line per run: Q at the start and the end, and the final loss."""
-    return [f"{r['label']:<18} Q {r['Q_initial']:.4g} -> {r['Q_final']:.4g} (x{r['Q_ratio']:.3f})  "
-            f"final loss {r['final_loss']:.4g}" for r in runs]
+    """One line per run: Q at the start and the end, and the final loss (or where it diverged)."""
+    def g(v, spec: str = ".4g") -> str:
+        return "null" if v is None else format(v, spec)
+
+    return [f"{r['label']:<18} Q {g(r['Q_initial'])} -> {g(r['Q_final'])} (x{g(r['Q_ratio'], '.3f')})  "
+            + (f"diverged at step {r['diverged_at']}" if r.get("status") == "diverged"
+               else f"final loss {g(r['final_loss'])}") for r in runs]
 
 
 def figures(results: dict, out_dir: Path) -> list[Path]:

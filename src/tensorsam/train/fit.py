@@ -13,6 +13,13 @@
 - **Checkpoints** (model, optimizer, scheduler, scaler, tracker, best state, history, RNG streams)
   every ``checkpoint_every`` steps, on SIGINT/SIGTERM and at the end; under ``torch.distributed``
   rank 0 writes and every rank resumes from the same file.
+- **Divergence** is a result: each step's loss goes into a :class:`~tensorsam.run.loop.Divergence`
+  on the device (no host sync in the step), read at each evaluation point.  A diverged run stops
+  there, without evaluating or touching the best state, and returns ``status='diverged'`` with
+  ``diverged_at`` (the step, 1-based); with a GradScaler or ``skip_nonfinite`` only a non-finite
+  loss that persists counts (see :class:`~tensorsam.run.loop.Divergence`).  Without either, a
+  non-finite validation or test loss at an evaluation point (weights made non-finite by the last
+  step) is a divergence at the next step, ``done + 1``.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tensorsam.run.loop import Loop
+from tensorsam.run.loop import Divergence, Loop
 from tensorsam.train.distributed import rank_and_world, unwrap
 from tensorsam.train.steps import train_step
 
@@ -40,7 +47,9 @@ Data = tuple[torch.Tensor, torch.Tensor]
 class FitResult:
     """What :func:`fit` returns: the per-evaluation ``history`` (list of dicts), the final and
     best-on-validation metrics, the best state (a ``state_dict`` of CPU tensors, or ``None``
-    without validation data) and the median seconds per training step (evaluation excluded)."""
+    without validation data), the median seconds per training step (evaluation excluded), and
+    ``status``: ``'ok'``, or ``'diverged'`` with ``diverged_at`` (the step; then ``final`` is empty,
+    the history and the best state are those before the divergence)."""
 
     history: list[dict]
     final: dict
@@ -50,6 +59,8 @@ class FitResult:
     best_state: dict | None
     seconds_per_step: float | None
     steps: int
+    status: str = "ok"
+    diverged_at: int | None = None
 
 
 class _Best:
@@ -144,6 +155,9 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train: Data, *, epoc
                       "loss_sum": torch.zeros((), device=device), "block": [], "block_steps": 0}
     ex = loop.extra
     ex["loss_sum"] = ex["loss_sum"].to(device)
+    tolerant = scaler is not None or bool(getattr(optimizer, "skip_nonfinite", False))
+    divergence = Divergence(ex, device, tolerant=tolerant)
+    ex.setdefault("diverged_at", None)
     order, order_epoch, t_block = None, -1, time.perf_counter()
     model.train()
     for step in loop:
@@ -162,13 +176,21 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train: Data, *, epoc
             scheduler.step()
         if tracker is not None:
             tracker.record(step)
+        done = step + 1
+        divergence.update(loss, done)
         ex["loss_sum"] += loss
         ex["block_steps"] += 1
         loop.log(loss=loss)
-        done = step + 1
         if done % every == 0 or done == total:
             ex["block"].append((time.perf_counter() - t_block) / ex["block_steps"])
+            ex["diverged_at"] = divergence.read(done)
+            if ex["diverged_at"] is not None:
+                break
             row = _evaluation(model, val, test, done, epoch, ex, optimizer, autocast)
+            if not tolerant and not all(math.isfinite(row.get(f"{k}_loss", 0.0)) for k in ("val", "test")):
+                ex["history"].pop()           # weights made non-finite by the last step
+                ex["diverged_at"] = done + 1
+                break
             if val is not None and row["val_acc"] > ex["best_val_acc"]:
                 ex["best_val_acc"], ex["best_step"], ex["test_at_best"] = row["val_acc"], done, row.get("test_acc")
                 best.state = _cpu_copy(unwrap(model).state_dict())
@@ -176,11 +198,12 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train: Data, *, epoc
             t_block = time.perf_counter()
         if on_step is not None:
             on_step(step)
-    history = ex["history"]
-    return FitResult(history=history, final=history[-1] if history else {},
+    history, diverged = ex["history"], ex["diverged_at"]
+    return FitResult(history=history, final=history[-1] if history and diverged is None else {},
                      best_val_acc=None if val is None or not history else ex["best_val_acc"],
                      best_step=ex["best_step"], test_acc_at_best_val=ex["test_at_best"], best_state=best.state,
-                     seconds_per_step=statistics.median(ex["block"]) if ex["block"] else None, steps=total)
+                     seconds_per_step=statistics.median(ex["block"]) if ex["block"] else None, steps=total,
+                     status="ok" if diverged is None else "diverged", diverged_at=diverged)
 
 
 def _evaluation(model, val, test, done: int, epoch: int, ex: dict, optimizer, autocast) -> dict:

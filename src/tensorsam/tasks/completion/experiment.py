@@ -14,6 +14,7 @@ import torch
 
 from tensorsam.data import load_tensor, make_masks
 from tensorsam.run import Sweep, atomic_torch_save, load_checkpoint, result_fields, write_results
+from tensorsam.run.io import check_writable_dir
 from tensorsam.tasks.completion.config import CompletionConfig, candidate_ranks
 from tensorsam.tasks.completion.fit import build_model, hooi_run, select, train_run
 
@@ -56,8 +57,12 @@ def run_completion(cfg: CompletionConfig, out_dir=None, *, resume: bool = False,
     ``out_dir``'s results are kept (a rerun with another seed runs only that seed).  At the end
     ``out_dir/results.json`` (via :func:`write_results`) and ``out_dir/solutions.pt`` (the final
     cores of every run, for :mod:`tensorsam.tasks.flatness`) are written and ``.work`` removed.
+    An ``out_dir`` that cannot be written is refused before anything runs.  A run that diverges is
+    recorded with its step (``status: "diverged"``, see :mod:`.fit`) and the grid carries on.
     """
     started = time.time() if started is None else started
+    if out_dir is not None:
+        check_writable_dir(out_dir)
     data, masks = prepare(cfg)
     sweep = completion_sweep(cfg, out_dir, resume=resume)
 
@@ -110,6 +115,7 @@ def read_results(path) -> tuple[CompletionConfig, dict]:
 def merge_results(sources, out_dir) -> dict:
     """Merge completion output dirs that ran the same config on different seeds (e.g. one process
     per seed) into ``out_dir``: one results.json with every run, one solutions.pt."""
+    check_writable_dir(out_dir)
     loaded = [(Path(src), *read_results(src)) for src in sources]
     configs = [{k: v for k, v in res["config"].items() if k != "seeds"} for _, _, res in loaded]
     if any(c != configs[0] for c in configs[1:]):

@@ -1,5 +1,11 @@
 """One completion run: the model and its initialisation, the optimizer of a method, a training run
-(resumable through :class:`tensorsam.run.Loop`), tensorly's masked HOOI, and the scores."""
+(resumable through :class:`tensorsam.run.Loop`), tensorly's masked HOOI, and the scores.
+
+A training run that diverges is a result: each step's loss goes into a
+:class:`~tensorsam.run.loop.Divergence` on the device (no host sync in the step), read every
+``log_every`` steps; a non-finite training score at a read (cores made non-finite by the last step)
+counts as a non-finite loss at the next step.  The run stops at that read and its record says
+``status: "diverged"`` and ``diverged_at`` (the step, 1-based); other records say ``status: "ok"``."""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import torch
 
 from tensorsam.dynamics import NormTracker
 from tensorsam.optim import build_optimizer
-from tensorsam.run import Loop
+from tensorsam.run.loop import Divergence, Loop
 from tensorsam.tasks.completion.config import CompletionConfig, optimizer_class
 from tensorsam.tasks.completion.objective import Objective, reconstruct
 from tensorsam.tasks.metrics import scores
@@ -116,14 +122,23 @@ def train_run(method: str, cfg: CompletionConfig, values, masks, seed: int, rank
     if not loop.resumed:
         loop.extra = {"trace": [], "wall": 0.0, "best_val": -math.inf, "best_it": 0, "stale": 0}
     ex = loop.extra
+    divergence = Divergence(ex, obj.cores[0].device)
+    diverged = None
     step = obj.step_fn(method, opt)
     t0 = time.perf_counter()
     for it in loop:
         loss = step()
         done = it + 1
+        divergence.update(loss, done)
         if done % cfg.log_every == 0 or done == cfg.iterations:
+            diverged = divergence.read(done)
+            if diverged is not None:
+                break
             dyn = tracker.compute()
             m = evaluate(obj.predict(), values, masks)
+            if not math.isfinite(m["train_r2"]):
+                diverged = done + 1
+                break
             row = {"iteration": done, "loss": float(loss), "Q": float(dyn["Q"][0]),
                    "cov": float(dyn["cov"][0]),
                    **{k: m[k] for k in ("train_r2", "val_r2", "heldout_r2") if k in m}}
@@ -143,7 +158,8 @@ def train_run(method: str, cfg: CompletionConfig, values, masks, seed: int, rank
     ex["wall"] += time.perf_counter() - t0
     final = [t.clone() for t in best.tensors] if validated else [c.detach().clone() for c in obj.cores]
     pred = reconstruct(final, obj.plan).reshape(-1)
-    record = {"method": method, "seed": seed, **evaluate(pred, values, masks),
+    record = {"method": method, "seed": seed, "status": "ok" if diverged is None else "diverged",
+              **({} if diverged is None else {"diverged_at": diverged}), **evaluate(pred, values, masks),
               "wall_seconds": ex["wall"],
               "info": {"rank": list(rank), "iterations": ex["trace"][-1]["iteration"] if ex["trace"] else 0,
                        "compiled": obj.compiled, "best_iteration": ex["best_it"] if validated else None},
@@ -177,7 +193,8 @@ def hooi_run(cfg: CompletionConfig, values, masks, seed: int, rank) -> tuple[dic
     pred = model.reconstruct().detach().reshape(-1)
     with torch.no_grad():
         q = float(NormTracker([list(model.cores)]).compute()["Q"][0])
-    record = {"method": "hooi", "seed": seed, **evaluate(pred, values.to(dtype), masks), "wall_seconds": wall,
+    record = {"method": "hooi", "seed": seed, "status": "ok", **evaluate(pred, values.to(dtype), masks),
+              "wall_seconds": wall,
               "info": {"rank": list(rank), "iterations": len(errors), "Q_final": q}}
     return record, final
 
@@ -195,12 +212,18 @@ def _single_threaded_blas():
 
 
 def select(cands: list[tuple[dict, list]]) -> tuple[dict, list]:
-    """The candidate (record, cores) with the best validation R²; the others are summarised in it."""
-    best = max(cands, key=lambda rc: rc[0].get("val_r2", -math.inf))
+    """The candidate (record, cores) with the best validation R² (a non-finite one counts as the
+    worst); the others are summarised in it."""
+    def score(rc) -> float:
+        v = rc[0].get("val_r2")
+        return v if isinstance(v, float) and math.isfinite(v) else -math.inf
+
+    best = max(cands, key=score)
     record = dict(best[0])
     record["info"] = {**record["info"], "candidates": [
         {"rank": r["info"]["rank"], "val_r2": r.get("val_r2"), "heldout_r2": r.get("heldout_r2"),
-         "best_iteration": r["info"].get("best_iteration")} for r, _ in cands]}
+         "best_iteration": r["info"].get("best_iteration"), "status": r.get("status", "ok"),
+         **({"diverged_at": r["diverged_at"]} if "diverged_at" in r else {})} for r, _ in cands]}
     record["wall_seconds"] = sum(r["wall_seconds"] for r, _ in cands)
     return record, best[1]
 

@@ -31,6 +31,7 @@ from tensorsam.run import (
     seed_everything,
     write_results,
 )
+from tensorsam.run.io import check_writable_dir
 from tensorsam.tasks.vision.config import NEEDS_GROUPS, VisionConfig
 from tensorsam.train import evaluate, fit, setup
 
@@ -102,6 +103,9 @@ def train_cell(cfg: VisionConfig, cell, data: _Data, device, *, checkpoint=None,
               tracker=tracker, batch_transform=data.transform, seed=seed, checkpoint=checkpoint,
               checkpoint_every=cfg.checkpoint_every, resume=resume, progress=progress, desc=cell.tag)
     wall = time.perf_counter() - t0
+    if res.status == "diverged":               # a result, not a NaN: the weights are not evaluated
+        return {**base, "status": "diverged", "diverged_at": res.diverged_at, "wall_seconds": wall,
+                "seconds_per_step": res.seconds_per_step, "history": res.history}
     final_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     record = {**base, "status": "ok", "params": count_parameters(model),
               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -125,6 +129,8 @@ def run_vision(cfg: VisionConfig, out_dir=None, *, resume: bool = False, progres
                started: float | None = None) -> dict:
     """Run every cell of ``cfg``; with ``out_dir``, write ``results.json`` and ``models/<cell>.pt``."""
     started = time.time() if started is None else started
+    if out_dir is not None:
+        check_writable_dir(out_dir)
     info = setup(cfg.device)
     if info.world_size > 1:
         raise ValueError("the vision task runs in one process for now (fit supports DDP; the grid's writes "
