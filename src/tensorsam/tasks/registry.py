@@ -64,26 +64,17 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-def _here(module: str, name: str) -> str:
-    return f"tensorsam.tasks.{module}:{name}"
-
-
-register(Task(
-    "completion", "tensor completion (E1): HOOI, Adam, SAM, DAS, rebalancing",
-    command="tensorsam.commands.completion", config=_here("completion.config", "CompletionConfig"),
-    run=_here("completion.experiment", "run_completion"), figures=_here("completion.report", "figures"),
-    summary=_here("completion.report", "summary_lines")))
-register(Task(
-    "toy", "norm-dynamics toy (E2, Fig. 1): Q and Cov under GD vs SAM",
-    command="tensorsam.commands.toy", config=_here("toy", "ToyConfig"), run=_here("toy", "run_toy"),
-    figures=_here("toy", "figures"), summary=_here("toy", "summary_lines")))
-register(Task(
-    "flatness", "1-D loss landscapes of completion solutions (E3, Fig. 2)",
-    command="tensorsam.commands.flatness", config=_here("flatness", "FlatnessConfig"),
-    run=_here("flatness", "run"), figures=_here("flatness", "figures"),
-    summary=_here("flatness", "summary_lines")))
-register(Task(
-    "vision", "tensorized ResNets under label noise: SGD, SAM, DAS, cost-matched SAM (E4, E5)",
-    command="tensorsam.commands.vision", config=_here("vision.config", "VisionConfig"),
-    run=_here("vision.experiment", "run_vision"), figures=_here("vision.experiment", "figures"),
-    summary=_here("vision.experiment", "summary_lines")))
+# name, help, config "module:Class", run "module:function", and the module of figures() and summary_lines()
+_BUILT_IN = [
+    ("completion", "tensor completion (E1): HOOI, Adam, SAM, DAS, rebalancing",
+     "completion.config:CompletionConfig", "completion.experiment:run_completion", "completion.report"),
+    ("toy", "norm-dynamics toy (E2, Fig. 1): Q and Cov under GD vs SAM", "toy:ToyConfig", "toy:run_toy", "toy"),
+    ("flatness", "1-D loss landscapes of completion solutions (E3, Fig. 2)", "flatness:FlatnessConfig",
+     "flatness:run", "flatness"),
+    ("vision", "tensorized ResNets under label noise: SGD, SAM, DAS, cost-matched SAM (E4, E5)",
+     "vision.config:VisionConfig", "vision.experiment:run_vision", "vision.experiment"),
+]
+for _name, _help, _config, _run, _report in _BUILT_IN:
+    register(Task(_name, _help, command=f"tensorsam.commands.{_name}", config=f"tensorsam.tasks.{_config}",
+                  run=f"tensorsam.tasks.{_run}", figures=f"tensorsam.tasks.{_report}:figures",
+                  summary=f"tensorsam.tasks.{_report}:summary_lines"))
