@@ -165,3 +165,24 @@ def test_every_file_tensorsam_writes_goes_through_run_io():
             if WRITES.search(line):
                 found.append(f"{rel}:{i}: {line.strip()}")
     assert not found, "writes outside tensorsam.run.io:\n" + "\n".join(found)
+
+
+def test_a_directory_of_another_library_is_published_whole_with_an_atomic_latest_pointer(tmp_path):
+    from tensorsam.run.io import current_umask, latest_directory, publish_directory
+
+    assert latest_directory(tmp_path) is None
+    first = publish_directory(tmp_path, "step-1", lambda d: (d / "a.bin").write_bytes(b"1"))
+    assert latest_directory(tmp_path) == first and (first / "a.bin").read_bytes() == b"1"
+
+    def dies(d):
+        (d / "a.bin").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):   # killed while writing: latest still names the whole old one
+        publish_directory(tmp_path, "step-2", dies)
+    assert latest_directory(tmp_path) == first and sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-1"]
+    with pytest.raises(ValueError, match="publish under a new name"):
+        publish_directory(tmp_path, "step-1", lambda d: None)
+    second = publish_directory(tmp_path, "step-2", lambda d: (d / "a.bin").write_bytes(b"2"))
+    assert latest_directory(tmp_path) == second and not first.exists()
+    assert oct((tmp_path / "latest").stat().st_mode & 0o777) == oct(0o666 & ~current_umask())

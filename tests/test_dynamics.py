@@ -368,3 +368,18 @@ def test_tracker_state_dict_resumes_without_duplicate_rows(tmp_path, fmt):
     resumed.step()
     assert [r["step"] for r in read_history(path)] == [0, 1, 2, 3]
     assert [r["step"] for r in resumed.history] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_torn_last_line_of_the_tracker_file_is_dropped_on_reading(tmp_path, suffix):
+    from tensorsam.dynamics import NormTracker, read_history
+
+    cores = [torch.randn(3, 4, requires_grad=True), torch.randn(4, 5, requires_grad=True)]
+    (cores[0] @ cores[1]).square().sum().backward()
+    path = tmp_path / f"norms{suffix}"
+    tracker = NormTracker([cores], path=path)
+    tracker.record(0)
+    tracker.record(1)
+    with path.open("a") as fh:                   # a writer killed mid-append
+        fh.write('2,g0,2,0.1' if suffix == ".csv" else '{"step": 2, "gro')
+    assert [r["step"] for r in read_history(path)] == [0, 1]

@@ -206,6 +206,12 @@ class NormTracker:
 
     Host synchronisation: computing the numbers is sync-free, but each *recorded* step copies them
     to the host once (one ``.tolist()``); steps that are not recorded cost nothing.
+
+    The file: the header (or an empty JSONL file) is written atomically; each record then appends
+    its rows in one write.  Recovery: a process killed mid-append can leave a torn last line, which
+    :func:`read_history` drops; a run resumed through :class:`tensorsam.run.Loop` (which checkpoints
+    the tracker) rewrites the file atomically from the checkpoint, so rows recorded after it are
+    dropped, not duplicated.
     """
 
     def __init__(self, source, every: int = 1, path: str | os.PathLike | None = None,
@@ -239,7 +245,7 @@ class NormTracker:
                 raise ValueError(f"fmt must be 'csv' or 'jsonl', got {fmt or self.path.suffix!r}")
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if not append or not self.path.exists():
-                self.path.write_text(",".join(FIELDS) + "\n" if self.fmt == "csv" else "")
+                atomic_write_text(self.path, ",".join(FIELDS) + "\n" if self.fmt == "csv" else "")
         elif fmt is not None:
             raise ValueError("fmt given without a path")
         self._tb = self._open_tensorboard(tensorboard)
@@ -299,11 +305,13 @@ class NormTracker:
 
     def _write(self, rows: list[dict]) -> None:
         if self.path is not None:
+            buf = io.StringIO(newline="")
+            if self.fmt == "csv":
+                csv.DictWriter(buf, FIELDS).writerows(rows)
+            else:
+                buf.writelines(json.dumps(r) + "\n" for r in rows)
             with self.path.open("a", newline="") as fh:
-                if self.fmt == "csv":
-                    csv.DictWriter(fh, FIELDS).writerows(rows)
-                else:
-                    fh.writelines(json.dumps(r) + "\n" for r in rows)
+                fh.write(buf.getvalue())      # one write per record (see the class docstring)
         if self._tb is not None:
             for r in rows:
                 for key in ("Q", "cov", "s_mean", "gamma_mean"):
@@ -345,19 +353,22 @@ class NormTracker:
 
 
 def read_history(path: str | os.PathLike) -> list[dict]:
-    """Rows written by :class:`NormTracker` (CSV or JSONL), with numbers parsed."""
+    """Rows written by :class:`NormTracker` (CSV or JSONL), with numbers parsed.  A torn last line
+    (no final newline: the writer was killed mid-append) is dropped."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no norm-tracker file at {path}")
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
     if path.suffix == ".csv":
-        with path.open(newline="") as fh:
-            rows = list(csv.DictReader(fh))
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
         for r in rows:
             for key in FIELDS:
                 if key != "group":
                     r[key] = int(r[key]) if key in ("step", "K") else float(r[key])
         return rows
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def plot(history: Sequence[dict] | str | os.PathLike, path: str | os.PathLike) -> Path:

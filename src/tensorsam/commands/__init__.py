@@ -60,6 +60,13 @@ def divergence_status(runs: list[dict], allow: bool) -> int:
     return 0
 
 
+def resumable(out: Path) -> bool:
+    """Whether ``out`` holds anything ``--resume`` continues: a results file or a sweep's checkpoints."""
+    from tensorsam.run.sweep import WORK
+
+    return (out / "results.json").is_file() or any((out / WORK).glob("*"))
+
+
 def task_config(task: str, args, flags=()):
     """The task's config from ``--config``, then ``--set``, then the dedicated ``flags`` given."""
     from tensorsam.run import load_config, overrides_from
@@ -78,6 +85,8 @@ def run_task(task: str, cfg, args, started: float, *, figures: bool = True) -> i
 
     entry = get_task(task)
     out = check_writable_dir(args.out)      # before any work (the task's run checks it again)
+    if args.resume and not resumable(out):
+        print(f"--resume: nothing to resume in {out} (no results.json, no checkpoints); starting fresh")
     results = entry.get("run")(cfg, out, resume=args.resume, progress=not args.no_progress, started=started)
     for line in entry.get("summary")(results["runs"]):
         print(line)

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Mapping
@@ -179,3 +180,56 @@ def atomic_save_figure(fig, path, **savefig_kwargs) -> Path:
     fmt = path.suffix.lstrip(".") or "png"
     atomic_write(path, lambda fh: fig.savefig(fh, format=fmt, **savefig_kwargs))
     return path
+
+
+LATEST = "latest"
+
+
+def publish_directory(parent, name: str, write, *, drop_previous: bool = True) -> Path:
+    """Make ``parent/name`` a directory filled by another library (e.g. a
+    ``torch.distributed.checkpoint``), atomically, and point ``parent/latest`` at it.
+
+    ``write(tmp)`` fills a fresh temporary directory beside it; then its files are fsynced, it is
+    renamed to ``name`` and the text file ``latest`` (written with :func:`atomic_write_text`) is
+    made to name it; with ``drop_previous`` the directory ``latest`` named before is removed after.
+    A process killed at any point leaves ``latest`` naming a complete directory (the previous one
+    or the new one); :func:`latest_directory` reads it.  ``name`` must be new (e.g. numbered by
+    step): the directory ``latest`` names is never replaced; a leftover ``name`` that ``latest``
+    does not name (from a killed process) is removed first.  Returns ``parent/name``.
+    """
+    parent = Path(parent)
+    if not name or "/" in name or name.startswith(".") or name == LATEST:
+        raise ValueError(f"not a directory name to publish: {name!r}")
+    previous = latest_directory(parent)
+    final = parent / name
+    if previous is not None and previous.name == name:
+        raise ValueError(f"{final} is the directory {parent / LATEST} names; publish under a new name")
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    try:
+        write(tmp)
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as fh:
+                    os.fsync(fh.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(parent / LATEST, name + "\n")
+    if drop_previous and previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+    return final
+
+
+def latest_directory(parent) -> Path | None:
+    """The directory ``parent/latest`` names (see :func:`publish_directory`), or None without one."""
+    pointer = Path(parent) / LATEST
+    if not pointer.is_file():
+        return None
+    target = Path(parent) / pointer.read_text().strip()
+    if not target.is_dir():
+        raise ValueError(f"{pointer} names {target.name!r}, which is not a directory in {parent}")
+    return target

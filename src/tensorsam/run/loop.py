@@ -14,6 +14,7 @@ evaluation (logging) cadence only.
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import sys
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tensorsam.run.io import atomic_torch_save, load_checkpoint
+from tensorsam.run.io import atomic_torch_save, load_checkpoint, to_jsonable
 from tensorsam.run.meta import rng_state, set_rng_state
 
 CHECKPOINT_FORMAT = "tensorsam-loop-1"
@@ -64,6 +65,14 @@ def _fmt_metric(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def fingerprint_changes(old: dict, new: dict) -> str:
+    """``lr: 0.001 -> 0.01, rank: [8, 6, 8] -> [4, 4, 4]``: the fields of two fingerprints that differ
+    (a field only one of them has shows as ``<absent>``)."""
+    absent = "<absent>"
+    keys = [k for k in dict.fromkeys([*old, *new]) if old.get(k, absent) != new.get(k, absent)]
+    return ", ".join(f"{k}: {old.get(k, absent)!r} -> {new.get(k, absent)!r}" for k in keys)
 
 
 class Divergence:
@@ -147,6 +156,11 @@ class Loop:
     when iteration starts, so the loop continues exactly where the saved run stopped.
     Without ``resume`` an existing checkpoint is overwritten by the new run.
 
+    ``fingerprint`` (a dict: the config fields that change the run's results and the run's grid
+    coordinates, e.g. :meth:`tensorsam.run.Sweep.fingerprint`) is saved with every checkpoint;
+    resuming from a checkpoint whose fingerprint differs is refused with a ``ValueError`` naming the
+    fields that differ, so a run never continues under settings other than those it started with.
+
     A checkpoint is saved after every ``every``-th iteration and after the last one.  On
     SIGINT/SIGTERM the loop finishes the current iteration, saves, restores the previous
     handlers and raises ``KeyboardInterrupt``; a second signal interrupts at once.
@@ -162,6 +176,7 @@ class Loop:
         resume: bool = False,
         desc: str = "",
         progress: bool = True,
+        fingerprint: dict | None = None,
     ):
         if isinstance(total, bool) or not isinstance(total, int) or total < 0:
             raise ValueError(f"total must be a non-negative int, got {total!r}")
@@ -176,6 +191,7 @@ class Loop:
         self.every = every
         self.desc = desc
         self.progress = progress
+        self.fingerprint = None if fingerprint is None else to_jsonable(dict(fingerprint))
         self.extra: dict = {}
         self.metrics: dict = {}
         self.start = 0
@@ -197,12 +213,21 @@ class Loop:
             "state": {name: obj.state_dict() for name, obj in self.state.items()},
             "rng": rng_state(),
             "extra": _plain(self.extra),
+            "fingerprint": None if self.fingerprint is None else json.dumps(self.fingerprint, sort_keys=True),
         }
 
     def _restore(self, ckpt: dict) -> None:
         where = self.checkpoint
         if ckpt.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{where} is not a tensorsam loop checkpoint (format {ckpt.get('format')!r})")
+        if self.fingerprint is not None:
+            saved = ckpt.get("fingerprint")
+            saved = None if saved is None else json.loads(saved)
+            if saved != self.fingerprint:
+                raise ValueError(f"cannot resume from {where}: " + (
+                    "it was saved without a fingerprint of its settings" if saved is None else
+                    f"it was made with other settings ({fingerprint_changes(saved, self.fingerprint)})")
+                    + "; use the same settings, or another output dir (or no --resume) to start afresh")
         saved = set(ckpt["state"])
         if saved != set(self.state):
             raise ValueError(

@@ -14,7 +14,10 @@ runs only the new cells.  Cells of an earlier grid that the new one lacks are le
 results (:attr:`SweepResult.dropped` counts them).  ``same`` (the config fields a cell depends on
 besides its coordinates, e.g. :func:`tensorsam.run.config.result_fields` with ``grid=False``)
 must equal those of the earlier results file, else resuming is refused: a grid never mixes runs
-made with different settings.
+made with different settings.  A cell's fingerprint (:meth:`Sweep.fingerprint`: ``same`` plus its
+coordinates) is kept with its finished record in ``.work`` and should be passed to the
+:class:`~tensorsam.run.Loop` of its checkpoints, so an interrupted cell is never resumed under
+other settings either.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tensorsam.run.io import atomic_torch_save, load_checkpoint, to_jsonable
+from tensorsam.run.loop import fingerprint_changes
 
 WORK = ".work"
 
@@ -109,6 +113,11 @@ class Sweep:
         """The path of one of ``cell``'s checkpoints, ``.work/<tag>_<suffix>.ckpt`` (None without out_dir)."""
         return None if self.work is None else self.work / f"{cell.tag}_{suffix}.ckpt"
 
+    def fingerprint(self, cell: Cell, **more) -> dict:
+        """What ``cell``'s results depend on: ``same``, its coordinates and ``more`` (e.g. the rank
+        of one of its candidate runs); see :class:`tensorsam.run.Loop`'s ``fingerprint``."""
+        return to_jsonable({**(self.same or {}), **cell.coords, **more})
+
     def _done_file(self, cell: Cell) -> Path | None:
         return None if self.work is None else self.work / f"{cell.tag}.pt"
 
@@ -152,6 +161,11 @@ class Sweep:
             done = self._done_file(cell)
             if self.resume and done is not None and done.exists():
                 saved = load_checkpoint(done)
+                old = json.loads(saved.get("fingerprint") or "null")
+                if old != self.fingerprint(cell):
+                    changes = "no fingerprint" if old is None else fingerprint_changes(old, self.fingerprint(cell))
+                    raise ValueError(f"cannot resume cell {cell.tag} from {done}: it was finished with other "
+                                     f"settings ({changes}); use the same settings or another output dir")
                 record, payload = json.loads(saved["record"]), saved["payload"]
             elif cell.tag in earlier:
                 record, payload = earlier[cell.tag]
@@ -160,7 +174,8 @@ class Sweep:
                 for axis, value in cell.coords.items():
                     record.setdefault(axis, value)
                 if done is not None:
-                    atomic_torch_save({"record": json.dumps(to_jsonable(record)), "payload": payload}, done)
+                    atomic_torch_save({"record": json.dumps(to_jsonable(record)), "payload": payload,
+                                       "fingerprint": json.dumps(self.fingerprint(cell))}, done)
                 result.ran.append(cell.tag)
             if cell.tag not in result.ran:
                 result.kept.append(cell.tag)

@@ -29,7 +29,7 @@ from tensorsam.dynamics import NormTracker
 from tensorsam.run import Sweep, result_fields, write_results
 from tensorsam.run.config import AFFECTS, axis, check_choices
 from tensorsam.run.io import check_writable_dir
-from tensorsam.run.loop import Divergence
+from tensorsam.run.loop import Divergence, Loop
 from tensorsam.tasks import figure_grid, save_figure
 from tensorsam.tensors import get_format
 
@@ -94,13 +94,16 @@ def make_model(cfg: ToyConfig):
     return model
 
 
-def run_one(cfg: ToyConfig, method: str, noise: float, target: torch.Tensor) -> dict:
+def run_one(cfg: ToyConfig, method: str, noise: float, target: torch.Tensor, *, checkpoint=None,
+            resume: bool = False, progress: bool = False, desc: str = "", fingerprint: dict | None = None) -> dict:
     """Fit one (method, noise) run; returns its record with the Q / Cov trace.
 
-    Each step's loss goes into a :class:`~tensorsam.run.loop.Divergence` (no host read in the step),
-    read at every trace row; a non-finite loss at a row is a non-finite loss of the next step.  A run
-    that diverges stops there: ``status: "diverged"`` and ``diverged_at`` (the step, 1-based), its
-    trace up to the last finite row; other runs say ``status: "ok"``."""
+    The steps run on a :class:`~tensorsam.run.Loop` (``checkpoint``/``resume``/``progress``/
+    ``fingerprint`` as there), so a killed run continues bit-identically.  Each step's loss goes
+    into a :class:`~tensorsam.run.loop.Divergence` (no host read in the step), read at every trace
+    row; a non-finite loss at a row is a non-finite loss of the next step.  A run that diverges
+    stops there: ``status: "diverged"`` and ``diverged_at`` (the step, 1-based), its trace up to the
+    last finite row; other runs say ``status: "ok"``."""
     from tensorsam.optim import SAM
 
     model = make_model(cfg)
@@ -116,20 +119,28 @@ def run_one(cfg: ToyConfig, method: str, noise: float, target: torch.Tensor) -> 
         loss.backward()
         return loss
 
-    rows = []
-    divergence, diverged = Divergence({}, target.device), None
-    t0 = time.perf_counter()
-    for it in range(cfg.iterations + 1):
-        if it % cfg.log_every == 0 or it == cfg.iterations:
-            diverged = divergence.read(it)
-            loss = closure()  # gradient at the current point, for Cov
-            if diverged is None and not torch.isfinite(loss):
-                diverged = it + 1
-            if diverged is not None:
-                break
+    def row(it: int) -> int | None:
+        """Append the trace row at iteration ``it``; the step at which the run diverged, if it did."""
+        diverged = divergence.read(it)
+        loss = closure()  # gradient at the current point, for Cov
+        if diverged is None and not torch.isfinite(loss):
+            diverged = it + 1
+        if diverged is None:
             dyn = tracker.compute()
-            rows.append((it, loss.detach(), dyn["Q"][0], dyn["cov"][0]))
-        if it == cfg.iterations:
+            ex["rows"].append(torch.stack([loss.detach(), dyn["Q"][0], dyn["cov"][0]]))
+            ex["its"].append(it)
+        return diverged
+
+    loop = Loop(cfg.iterations, state={"model": model, "optimizer": opt}, checkpoint=checkpoint,
+                every=max(cfg.log_every, 1000 // cfg.log_every * cfg.log_every), resume=resume,
+                desc=desc, progress=progress, fingerprint=fingerprint)
+    if not loop.resumed:
+        loop.extra = {"rows": [], "its": [], "wall": 0.0}
+    ex = loop.extra
+    divergence, diverged = Divergence(ex, target.device), None
+    t0 = time.perf_counter()
+    for it in loop:
+        if it % cfg.log_every == 0 and (diverged := row(it)) is not None:
             break
         if method == "gd":
             loss = closure()
@@ -137,12 +148,15 @@ def run_one(cfg: ToyConfig, method: str, noise: float, target: torch.Tensor) -> 
         else:
             loss = opt.step(closure)
         divergence.update(loss, it + 1)
-    wall = time.perf_counter() - t0
-    table = torch.tensor([[float(i), *(float(v) for v in rest)] for i, *rest in rows]).reshape(-1, 4)
-    cols = {k: table[:, j].tolist() for j, k in enumerate(("iteration", "loss", "Q", "cov"))}
-    cols["iteration"] = [int(i) for i in cols["iteration"]]
+        ex["wall"] = ex.get("wall", 0.0) + time.perf_counter() - t0   # saved with the loop's checkpoints
+        t0 = time.perf_counter()
+    if diverged is None:
+        diverged = row(cfg.iterations)
+    wall = ex["wall"] + time.perf_counter() - t0
+    table = torch.stack(ex["rows"]).tolist() if ex["rows"] else []
+    cols = {"iteration": list(ex["its"]), **{k: [r[j] for r in table] for j, k in enumerate(("loss", "Q", "cov"))}}
     status = {"status": "ok"} if diverged is None else {"status": "diverged", "diverged_at": diverged}
-    q0, q1, last = (cols["Q"][0], cols["Q"][-1], cols["loss"][-1]) if rows else (None, None, None)
+    q0, q1, last = (cols["Q"][0], cols["Q"][-1], cols["loss"][-1]) if table else (None, None, None)
     return {"method": method, "label": f"{method} noise={noise:g}", "noise": noise, **status,
             "Q_initial": q0, "Q_final": q1, "Q_ratio": None if q0 is None else q1 / q0,
             "final_loss": last, "wall_seconds": wall, "trace": cols}
@@ -153,8 +167,8 @@ def run_toy(cfg: ToyConfig, out_dir=None, *, resume: bool = False, progress: boo
     """Every (noise, method) run of ``cfg``; returns ``{"runs": [...], "sweep": ...}``.
 
     With ``out_dir`` the runs form a :class:`~tensorsam.run.Sweep` there (``resume=True`` keeps
-    the finished ones, so adding a noise level runs only its cells) and ``results.json`` is written.
-    ``progress`` is accepted for the task interface; the toy shows none."""
+    the finished ones, so adding a noise level runs only its cells, and an interrupted run continues
+    from its checkpoint) and ``results.json`` is written.  ``progress`` shows a bar per run."""
     started = time.time() if started is None else started
     cfg.validate()
     if out_dir is not None:
@@ -169,7 +183,11 @@ def run_toy(cfg: ToyConfig, out_dir=None, *, resume: bool = False, progress: boo
         write_results(Path(out_dir) / "results.json", task="toy", config=cfg, runs=result.runs,
                       extra={"group_by": ["method", "noise"], "sweep": result.record()}, started=started)
 
-    result = sweep.run(lambda c: (run_one(cfg, c["method"], c["noise"], t + c["noise"] * n), None), write)
+    def cell(c):
+        return run_one(cfg, c["method"], c["noise"], t + c["noise"] * n, checkpoint=sweep.checkpoint(c, "run"),
+                       resume=resume, progress=progress, desc=c.tag, fingerprint=sweep.fingerprint(c)), None
+
+    result = sweep.run(cell, write)
     return {"runs": result.runs, "sweep": result}
 
 

@@ -118,13 +118,15 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train: Data, *, epoc
         scaler: torch.amp.GradScaler | None = None, autocast: Callable | None = None,
         clip_grad_norm: float | None = None, sam_sync: bool = False, batch_transform: Callable | None = None,
         seed: int = 0, checkpoint=None, checkpoint_every: int = 500, resume: bool = False,
-        progress: bool = True, desc: str = "", on_step: Callable[[int], None] | None = None) -> FitResult:
+        progress: bool = True, desc: str = "", on_step: Callable[[int], None] | None = None,
+        fingerprint: dict | None = None) -> FitResult:
     """Train ``model`` for ``epochs`` epochs of ``train`` (see the module docstring).
 
     ``micro_batches`` splits each batch for gradient accumulation (see :mod:`tensorsam.train.steps`
     for SAM's per-micro-batch ascent); ``batch_transform(x)`` augments a training batch (its random
     draws come from the global RNG, which checkpoints save); ``on_step(step)`` is called after each
-    step (e.g. to stop a run in a test).
+    step (e.g. to stop a run in a test).  ``fingerprint`` goes to the :class:`~tensorsam.run.Loop`: a
+    checkpoint made with another one is not resumed from.
     """
     x, y = _check_data("train", train)
     val = None if val is None else _check_data("val", val)
@@ -149,7 +151,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train: Data, *, epoc
         if obj is not None:
             state[name] = obj
     loop = Loop(total, state=state, checkpoint=checkpoint, every=checkpoint_every, resume=resume, desc=desc,
-                progress=progress)
+                progress=progress, fingerprint=fingerprint)
     if not loop.resumed:
         loop.extra = {"history": [], "best_val_acc": -math.inf, "best_step": None, "test_at_best": None,
                       "loss_sum": torch.zeros((), device=device), "block": [], "block_steps": 0}

@@ -75,7 +75,8 @@ def run_completion(cfg: CompletionConfig, out_dir=None, *, resume: bool = False,
                 continue
             ckpt = sweep.checkpoint(c, "rank" + "x".join(map(str, rank)))
             cands.append(train_run(method, cfg, data.values, masks[seed], seed, rank, checkpoint=ckpt,
-                                   resume=resume, progress=progress, desc=f"{c.tag} rank {rank}"))
+                                   resume=resume, progress=progress, desc=f"{c.tag} rank {rank}",
+                                   fingerprint=sweep.fingerprint(c, rank=list(rank))))
         record, cores = select(cands) if cfg.protocol == "validated" else cands[0]
         record["masks"] = masks[seed].record()
         return record, cores

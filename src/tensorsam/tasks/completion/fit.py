@@ -107,8 +107,10 @@ class _Cores:
 
 
 def train_run(method: str, cfg: CompletionConfig, values, masks, seed: int, rank, *,
-              checkpoint=None, resume=False, progress=False, desc="") -> tuple[dict, list[torch.Tensor]]:
-    """Train one (method, seed, rank) run; returns its record and final (or best) cores."""
+              checkpoint=None, resume=False, progress=False, desc="",
+              fingerprint=None) -> tuple[dict, list[torch.Tensor]]:
+    """Train one (method, seed, rank) run; returns its record and final (or best) cores
+    (``fingerprint``: see :class:`tensorsam.run.Loop`)."""
     values = values.to(getattr(torch, cfg.dtype))
     model = build_model(cfg, values.shape, rank, seed)
     obj = Objective(model, values, masks.train, cfg.loss, cfg.compile)
@@ -118,7 +120,7 @@ def train_run(method: str, cfg: CompletionConfig, values, masks, seed: int, rank
     best = _Cores([c.detach().clone() for c in obj.cores])
     loop = Loop(cfg.iterations, state={"model": model, "optimizer": opt, "best": best},
                 checkpoint=checkpoint, every=cfg.checkpoint_every, resume=resume, desc=desc,
-                progress=progress)
+                progress=progress, fingerprint=fingerprint)
     if not loop.resumed:
         loop.extra = {"trace": [], "wall": 0.0, "best_val": -math.inf, "best_it": 0, "stale": 0}
     ex = loop.extra

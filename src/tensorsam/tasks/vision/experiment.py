@@ -82,7 +82,7 @@ class _Data:
 
 
 def train_cell(cfg: VisionConfig, cell, data: _Data, device, *, checkpoint=None, resume=False, progress=False,
-               models_dir: Path | None = None) -> dict:
+               models_dir: Path | None = None, fingerprint: dict | None = None) -> dict:
     """Train one cell; returns its run record (status ``skipped`` when the method needs tensorized layers)."""
     fmt, rank, method, seed = cell["format"], cell["rank"], cell["method"], cell["seed"]
     base = {**cell.coords, "epochs": cfg.epochs}
@@ -101,7 +101,8 @@ def train_cell(cfg: VisionConfig, cell, data: _Data, device, *, checkpoint=None,
     res = fit(model, opt, (data.train_x, data.train_y), epochs=cfg.epochs, batch_size=cfg.batch_size,
               val=data.val, test=data.test_subset, eval_every=cfg.eval_every or None, scheduler=sched,
               tracker=tracker, batch_transform=data.transform, seed=seed, checkpoint=checkpoint,
-              checkpoint_every=cfg.checkpoint_every, resume=resume, progress=progress, desc=cell.tag)
+              checkpoint_every=cfg.checkpoint_every, resume=resume, progress=progress, desc=cell.tag,
+              fingerprint=fingerprint)
     wall = time.perf_counter() - t0
     if res.status == "diverged":               # a result, not a NaN: the weights are not evaluated
         return {**base, "status": "diverged", "diverged_at": res.diverged_at, "wall_seconds": wall,
@@ -147,7 +148,8 @@ def run_vision(cfg: VisionConfig, out_dir=None, *, resume: bool = False, progres
             cache.clear()                     # one data set on the device at a time
             cache[key] = _Data(cfg, cell["label_noise"], cell["seed"], info.device)
         record = train_cell(cfg, cell, cache[key], info.device, checkpoint=sweep.checkpoint(cell, "fit"),
-                            resume=resume, progress=progress, models_dir=models_dir)
+                            resume=resume, progress=progress, models_dir=models_dir,
+                            fingerprint=sweep.fingerprint(cell))
         record["data"] = cache[key].record
         return record, None
 
