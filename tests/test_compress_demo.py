@@ -34,9 +34,9 @@ def test_structured_weight_is_structured():
     assert s[8:].square().sum() / s.square().sum() < 0.01  # rank-8 signal, 5% noise
 
 
-def test_cli_prints_table(capsys):
+def test_cli_prints_table(capsys, tmp_path):
     assert main(["compress-demo", "--in-features", "16", "--out-features", "12", "--ranks", "2", "3",
-                 "--seed", "1"]) == 0
+                 "--seed", "1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     for name in ("dense", "CP", "Tucker", "TT", "TTM", "TR", "rel. error"):
         assert name in out
@@ -47,3 +47,15 @@ def test_cli_rejects_bad_arguments(capsys):
     assert main(["compress-demo", "--in-features", "0"]) == 2
     assert main(["compress-demo", "--formats", "hss"]) == 2
     assert "unknown tensor format" in capsys.readouterr().err
+
+
+def test_cli_shows_progress_per_row_and_resume_runs_only_new_rows(capsys, tmp_path):
+    args = ["compress-demo", "--in-features", "16", "--out-features", "12", "--formats", "tt", "tucker",
+            "--seed", "1", "--out", str(tmp_path), "--resume"]
+    assert main([*args, "--ranks", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "nothing to resume" in out and "[1/2] tt_rank2" in err and "[2/2] tucker_rank2" in err
+    assert main([*args, "--ranks", "2", "3"]) == 0
+    assert "4 cells: kept 2 finished earlier, ran 2" in capsys.readouterr().out
+    assert main([*args, "--ranks", "2", "--seed", "2"]) == 2      # another weight: refused
+    assert "other settings (seed: 1 -> 2)" in capsys.readouterr().err

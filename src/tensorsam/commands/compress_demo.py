@@ -3,15 +3,20 @@
 The (out, in) weight of a Linear layer is tensorized by permutation to (in modes..., out
 modes...) with balanced mode sizes (TT-matrix takes the matrix itself, rows = out features),
 decomposed with tensorly at each rank, and a table reports parameters, compression ratio and
-relative reconstruction error ||W_hat - W|| / ||W||.
+relative reconstruction error ||W_hat - W|| / ||W||.  Each (format, rank) row is a cell of a
+resumable :class:`~tensorsam.run.Sweep` in ``--out`` (``results.json``), with a progress line per row.
 """
 
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
+from tensorsam.commands import resumable
+from tensorsam.run import Sweep, write_results
+from tensorsam.run.io import check_writable_dir
 from tensorsam.tensors import FORMATS, TTM, balanced_factors, get_format, matrix_to_tensor, tensor_to_matrix
 
 FORMAT_ORDER = ("cp", "tucker", "tt", "ttm", "tr")
@@ -39,32 +44,27 @@ def _rank_str(rank) -> str:
     return str(ranks[0]) if len(set(ranks)) == 1 else ",".join(map(str, ranks))
 
 
-def compress_weight(weight: torch.Tensor, in_modes, out_modes, ranks, formats=FORMAT_ORDER) -> list[dict]:
-    """Decompose ``weight`` (out, in) in each format at each (uniform int) rank.
+def compress_one(weight: torch.Tensor, in_modes, out_modes, fmt: str, rank: int) -> dict:
+    """Decompose ``weight`` (out, in) in format ``fmt`` at the uniform int ``rank``: the module's
+    actual rank (TT-SVD and TR-SVD cap ranks an unfolding cannot support), parameters, compression
+    ratio and relative error, or ``skipped`` with tensorly's reason when it refuses the rank."""
+    rec = {"format": fmt, "rank": rank}
+    try:
+        if fmt == "ttm":
+            m = TTM.from_matrix(weight, out_modes, in_modes, rank)
+            approx = m.to_matrix()
+        else:
+            m = get_format(fmt).from_dense(matrix_to_tensor(weight, in_modes, out_modes), rank)
+            approx = tensor_to_matrix(m.reconstruct(), in_modes, out_modes)
+    except ValueError as err:
+        return {**rec, "skipped": str(err).splitlines()[0]}
+    err = (approx.detach() - weight).norm() / weight.norm()
+    return {**rec, "actual_rank": m.rank, "params": m.dof(), "ratio": m.compression_ratio(), "error": float(err)}
 
-    Returns one record per (format, rank): the module's actual rank (TT-SVD and TR-SVD cap ranks an
-    unfolding cannot support), parameters, compression ratio and relative error, or ``skipped``
-    with tensorly's reason when a decomposition refuses the rank.
-    """
-    dense = matrix_to_tensor(weight, in_modes, out_modes)
-    rows = []
-    for fmt in formats:
-        for r in ranks:
-            rec = {"format": fmt, "rank": r}
-            try:
-                if fmt == "ttm":
-                    m = TTM.from_matrix(weight, out_modes, in_modes, r)
-                    approx = m.to_matrix()
-                else:
-                    m = get_format(fmt).from_dense(dense, r)
-                    approx = tensor_to_matrix(m.reconstruct(), in_modes, out_modes)
-            except ValueError as err:
-                rows.append({**rec, "skipped": str(err).splitlines()[0]})
-                continue
-            err = (approx.detach() - weight).norm() / weight.norm()
-            rows.append({**rec, "actual_rank": m.rank, "params": m.dof(), "ratio": m.compression_ratio(),
-                         "error": float(err)})
-    return rows
+
+def compress_weight(weight: torch.Tensor, in_modes, out_modes, ranks, formats=FORMAT_ORDER) -> list[dict]:
+    """:func:`compress_one` in each format at each rank."""
+    return [compress_one(weight, in_modes, out_modes, fmt, r) for fmt in formats for r in ranks]
 
 
 def add_arguments(parser) -> None:
@@ -75,6 +75,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--modes", type=int, default=2, help="tensor modes per side (in and out)")
     parser.add_argument("--formats", nargs="+", default=list(FORMAT_ORDER), help="formats to try")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic weight")
+    parser.add_argument("--out", default="runs/compress-demo", help="output directory (results.json)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the (format, rank) rows already finished in --out; run only the others")
+    parser.add_argument("--no-progress", action="store_true", help="no per-row progress lines")
 
 
 def run(args) -> int:
@@ -88,10 +92,24 @@ def run(args) -> int:
         raise ValueError(f"--ranks must be positive ints, got {args.ranks}")
     for fmt in args.formats:
         get_format(fmt)
+    started = time.time()
+    out = check_writable_dir(args.out)
+    if args.resume and not resumable(out):
+        print(f"--resume: nothing to resume in {out} (no results.json, no checkpoints); starting fresh")
     weight = structured_weight(args.out_features, args.in_features, args.seed)
     in_modes = balanced_factors(args.in_features, args.modes)
     out_modes = balanced_factors(args.out_features, args.modes)
-    rows = compress_weight(weight, in_modes, out_modes, args.ranks, [f.lower() for f in args.formats])
+    config = {k: getattr(args, k) for k in ("in_features", "out_features", "modes", "seed")}
+    sweep = Sweep({"format": [f.lower() for f in args.formats], "rank": list(args.ranks)}, out,
+                  resume=args.resume, tag=lambda c: f"{c['format']}_rank{c['rank']}", same=config)
+
+    def write(result):
+        write_results(out / "results.json", task="compress-demo", config={**config, "formats": args.formats,
+                      "ranks": args.ranks}, runs=result.runs, extra={"sweep": result.record()}, started=started)
+
+    result = sweep.run(lambda c: (compress_one(weight, in_modes, out_modes, c["format"], c["rank"]), None),
+                       write, progress=not args.no_progress)
+    rows = result.runs
 
     table = Table(title=f"Linear {args.in_features}->{args.out_features}, weight = rank-8 smooth + 5% noise "
                         f"(seed {args.seed}); modes in {in_modes} out {out_modes}")
@@ -110,4 +128,7 @@ def run(args) -> int:
                           f"{row['error']:.3g}")
     table.caption = "\n".join(f"[{i + 1}] skipped by {r}" for i, r in enumerate(reasons)) or None
     Console().print(table)
+    if args.resume:
+        print(result.summary())
+    print(f"wrote {out / 'results.json'} ({time.time() - started:.1f} s)")
     return 0

@@ -26,6 +26,7 @@ import dataclasses
 import itertools
 import json
 import shutil
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -149,16 +150,18 @@ class Sweep:
         return found, dropped
 
     def run(self, fn: Callable[[Cell], tuple[dict, Any]],
-            write: Callable[[SweepResult], Any] | None = None) -> SweepResult:
+            write: Callable[[SweepResult], Any] | None = None, *, progress: bool = False) -> SweepResult:
         """Run every cell not finished yet with ``fn(cell) -> (record, payload)``; then (with an
         output dir) write the payload file, call ``write(result)`` (the results file) and remove
-        ``.work``."""
+        ``.work``.  ``progress`` prints a line per cell to stderr (``[3/12] sam_seed2``)."""
         earlier, dropped = self.earlier() if self.resume else ({}, 0)
         if self.work is not None:
             self.work.mkdir(parents=True, exist_ok=True)
         result = SweepResult([], {}, [], [], dropped)
-        for cell in self.cells:
+        for i, cell in enumerate(self.cells):
             done = self._done_file(cell)
+            if progress:
+                print(f"[{i + 1}/{len(self.cells)}] {cell.tag}", file=sys.stderr, flush=True)
             if self.resume and done is not None and done.exists():
                 saved = load_checkpoint(done)
                 old = json.loads(saved.get("fingerprint") or "null")

@@ -187,7 +187,7 @@ def run_toy(cfg: ToyConfig, out_dir=None, *, resume: bool = False, progress: boo
         return run_one(cfg, c["method"], c["noise"], t + c["noise"] * n, checkpoint=sweep.checkpoint(c, "run"),
                        resume=resume, progress=progress, desc=c.tag, fingerprint=sweep.fingerprint(c)), None
 
-    result = sweep.run(cell, write)
+    result = sweep.run(cell, write, progress=progress)
     return {"runs": result.runs, "sweep": result}
 
 

@@ -86,7 +86,7 @@ def run_completion(cfg: CompletionConfig, out_dir=None, *, resume: bool = False,
         write_results(Path(out_dir) / "results.json", task="completion", config=cfg, runs=result.runs,
                       extra=extra, started=started)
 
-    result = sweep.run(cell, write)
+    result = sweep.run(cell, write, progress=progress)
     return {"runs": result.runs, "data": data.record(), "solutions": result.payloads, "sweep": result}
 
 

@@ -157,7 +157,7 @@ def run_vision(cfg: VisionConfig, out_dir=None, *, resume: bool = False, progres
         write_results(Path(out_dir) / "results.json", task="vision", config=cfg, runs=result.runs,
                       extra={"sweep": result.record(), "device": str(info.device)}, started=started)
 
-    result = sweep.run(cell_fn, write)
+    result = sweep.run(cell_fn, write, progress=progress)
     return {"runs": result.runs, "sweep": result}
 
 
