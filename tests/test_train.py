@@ -192,3 +192,14 @@ def test_progress_in_a_log_is_plain_lines_under_100_columns(capsys):
     out = capsys.readouterr().err.strip().splitlines()
     assert len(out) == 1 and len(out[0]) <= 100 and "50/50 (100%)" in out[0] and "loss=1235" in out[0]
     assert not out[0].endswith("e-0")                    # no metric is cut in the middle
+
+
+def test_accuracies_scores_one_forward_against_several_label_sets():
+    from tensorsam.train import accuracies
+
+    model = torch.nn.Linear(3, 2)
+    x = torch.randn(50, 3)
+    pred = model(x).argmax(1)
+    got = accuracies(model, x, {"same": pred, "flipped": 1 - pred, "half": torch.where(torch.arange(50) < 25, pred, 1 - pred)},
+                     batch_size=16)
+    assert got == {"same": 1.0, "flipped": 0.0, "half": 0.5} and model.training

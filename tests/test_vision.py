@@ -41,6 +41,8 @@ def test_every_method_runs_and_records_the_shared_fields(grid):
                     "final_train_acc_noisy", "final_train_acc_clean", "history"):
             assert key in r, (fmt, method, key)
         assert 0.0 <= r["final_test_acc"] <= 1.0 and r["history"][-1]["step"] == 3
+        # every evaluation scores the training images against their noisy and their clean labels
+        assert {"train_loss", "val_acc", "test_acc", "lr", "train_acc_noisy", "train_acc_clean"} <= set(r["history"][-1])
         saved = torch.load(out / "models" / f"{method}_{fmt}2_p0.4_seed1.pt", weights_only=True)
         assert set(saved) == {"config", "cell", "final", "best"}
     assert runs[("tr", "das")]["dynamics"] and not runs[("none", "sgd")]["dynamics"]

@@ -76,7 +76,14 @@ class _Best:
         self.state = sd["state"]
 
 
-@torch.no_grad()
+def _batched_outputs(model: nn.Module, x: torch.Tensor, batch_size: int, autocast: Callable | None):
+    """``(start, outputs)`` of ``model`` in eval mode over ``x`` in batches, on the model's device."""
+    device = next(model.parameters()).device
+    for i in range(0, len(x), batch_size):
+        with autocast() if autocast else contextlib.nullcontext():
+            yield i, model(x[i:i + batch_size].to(device))
+
+
 def evaluate(model: nn.Module, data: Data, batch_size: int = 1024, loss_fn: Callable = F.cross_entropy,
              autocast: Callable | None = None) -> dict:
     """Mean loss and accuracy of ``model`` (in eval mode, restored afterwards) on ``data``; one host
@@ -87,15 +94,30 @@ def evaluate(model: nn.Module, data: Data, batch_size: int = 1024, loss_fn: Call
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
-    for i in range(0, len(y), batch_size):
-        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-        with autocast() if autocast else contextlib.nullcontext():
-            out = model(xb)
-        loss_sum += loss_fn(out.float(), yb, reduction="sum").double()
-        correct += (out.argmax(1) == yb).sum()
+    with torch.no_grad():
+        for i, out in _batched_outputs(model, x, batch_size, autocast):
+            yb = y[i:i + batch_size].to(device)
+            loss_sum += loss_fn(out.float(), yb, reduction="sum").double()
+            correct += (out.argmax(1) == yb).sum()
     model.train(was)
     loss, acc = (torch.stack([loss_sum, correct.double()]) / max(1, len(y))).tolist()
     return {"loss": loss, "acc": acc}
+
+
+def accuracies(model: nn.Module, x: torch.Tensor, labels: dict[str, torch.Tensor], batch_size: int = 1024,
+               autocast: Callable | None = None) -> dict[str, float]:
+    """``{name: accuracy}`` of one forward pass over ``x`` against each label set (e.g. the noisy and the
+    clean labels of the training images); eval mode, restored afterwards; one host read."""
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = torch.zeros(len(labels), device=device, dtype=torch.int64)
+    with torch.no_grad():
+        for i, out in _batched_outputs(model, x, batch_size, autocast):
+            pred = out.argmax(1)
+            correct += torch.stack([(pred == y[i:i + batch_size].to(device)).sum() for y in labels.values()])
+    model.train(was)
+    return dict(zip(labels, (correct.double() / max(1, len(x))).tolist()))
 
 
 def _cpu_copy(state: dict) -> dict:
@@ -119,13 +141,14 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train: Data, *, epoc
         clip_grad_norm: float | None = None, sam_sync: bool = False, batch_transform: Callable | None = None,
         seed: int = 0, checkpoint=None, checkpoint_every: int = 500, resume: bool = False,
         progress: bool = True, desc: str = "", on_step: Callable[[int], None] | None = None,
-        fingerprint: dict | None = None) -> FitResult:
+        on_evaluate: Callable[[nn.Module], dict] | None = None, fingerprint: dict | None = None) -> FitResult:
     """Train ``model`` for ``epochs`` epochs of ``train`` (see the module docstring).
 
     ``micro_batches`` splits each batch for gradient accumulation (see :mod:`tensorsam.train.steps`
     for SAM's per-micro-batch ascent); ``batch_transform(x)`` augments a training batch (its random
     draws come from the global RNG, which checkpoints save); ``on_step(step)`` is called after each
-    step (e.g. to stop a run in a test).  ``fingerprint`` goes to the :class:`~tensorsam.run.Loop`: a
+    step (e.g. to stop a run in a test); ``on_evaluate(model)`` returns more metrics for each history
+    row (e.g. :func:`accuracies` on the training images).  ``fingerprint`` goes to the :class:`~tensorsam.run.Loop`: a
     checkpoint made with another one is not resumed from.
     """
     x, y = _check_data("train", train)
@@ -189,6 +212,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train: Data, *, epoc
             if ex["diverged_at"] is not None:
                 break
             row = _evaluation(model, val, test, done, epoch, ex, optimizer, autocast)
+            if on_evaluate is not None:
+                row.update(on_evaluate(model))
             if not tolerant and not all(math.isfinite(row.get(f"{k}_loss", 0.0)) for k in ("val", "test")):
                 ex["history"].pop()           # weights made non-finite by the last step
                 ex["diverged_at"] = done + 1

@@ -5,8 +5,10 @@ Each cell trains through :func:`tensorsam.train.fit` on images kept on the train
 training images stay uint8 and each batch is augmented (random crop with 2-pixel zero padding,
 horizontal flip) and normalised with the training split's own statistics; validation and test
 images are normalised once.  Validation labels carry the same noise as the training labels (a
-practitioner has no clean ones); the test labels are clean.  The final and best-on-validation
-weights go to ``DIR/models/<cell>.pt``.
+practitioner has no clean ones); the test labels are clean.  Each evaluation also scores a fixed
+subset of the training images (:data:`TRAIN_SCORED`) against their noisy and their clean labels, in
+one forward pass: how much of the noise is memorised.  The final and best-on-validation weights go to
+``DIR/models/<cell>.pt``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ from tensorsam.run import (
 )
 from tensorsam.run.io import check_writable_dir
 from tensorsam.tasks.vision.config import NEEDS_GROUPS, VisionConfig
-from tensorsam.train import evaluate, fit, setup
+from tensorsam.train import accuracies, evaluate, fit, setup
+
+
+TRAIN_SCORED = 2000   # training images scored (noisy and clean labels) at every evaluation
 
 
 def vision_sweep(cfg: VisionConfig, out_dir=None, *, resume: bool = False) -> Sweep:
@@ -73,12 +78,20 @@ class _Data:
         ev = lambda x, y: (self.norm(x.to(device)), y.to(device))
         self.val = ev(d.val_x, d.val_y) if len(d.val_y) else None
         self.test_subset, self.test = ev(d.test_x[sub], d.test_y[sub]), ev(d.test_x, d.test_y)
-        self.train_noisy = (self.norm(self.train_x), self.train_y)
-        self.train_clean = (self.train_noisy[0], d.train_y_clean.to(device))
+        self.train_norm = self.norm(self.train_x)
+        self.train_labels = {"train_acc_noisy": self.train_y, "train_acc_clean": d.train_y_clean.to(device)}
+        # the training images scored at every evaluation: a fixed subset of at most TRAIN_SCORED
+        n_scored = min(TRAIN_SCORED, len(self.train_y))
+        pick = torch.randperm(len(self.train_y), generator=torch.Generator().manual_seed(1))[:n_scored].to(device)
+        self.scored = (self.train_norm[pick], {k: y[pick] for k, y in self.train_labels.items()})
         self.augment = cfg.augment
 
     def transform(self, xb: torch.Tensor) -> torch.Tensor:
         return self.norm(augment(xb, padding=2) if self.augment else xb)
+
+    def train_accuracies(self, model) -> dict:
+        """Accuracy on the noisy and on the clean labels of the scored training images (one forward)."""
+        return accuracies(model, *self.scored)
 
 
 def train_cell(cfg: VisionConfig, cell, data: _Data, device, *, checkpoint=None, resume=False, progress=False,
@@ -102,7 +115,7 @@ def train_cell(cfg: VisionConfig, cell, data: _Data, device, *, checkpoint=None,
               val=data.val, test=data.test_subset, eval_every=cfg.eval_every or None, scheduler=sched,
               tracker=tracker, batch_transform=data.transform, seed=seed, checkpoint=checkpoint,
               checkpoint_every=cfg.checkpoint_every, resume=resume, progress=progress, desc=cell.tag,
-              fingerprint=fingerprint)
+              on_evaluate=data.train_accuracies, fingerprint=fingerprint)
     wall = time.perf_counter() - t0
     if res.status == "diverged":               # a result, not a NaN: the weights are not evaluated
         return {**base, "status": "diverged", "diverged_at": res.diverged_at, "wall_seconds": wall,
@@ -112,8 +125,7 @@ def train_cell(cfg: VisionConfig, cell, data: _Data, device, *, checkpoint=None,
               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
               "seconds_per_step": res.seconds_per_step, "wall_seconds": wall,
               "final_test_acc": evaluate(model, data.test)["acc"],
-              "final_train_acc_noisy": evaluate(model, data.train_noisy)["acc"],
-              "final_train_acc_clean": evaluate(model, data.train_clean)["acc"],
+              **{f"final_{k}": v for k, v in accuracies(model, data.train_norm, data.train_labels).items()},
               "best_val_acc": res.best_val_acc, "best_step": res.best_step, "test_acc_at_best_val": None,
               "history": res.history,
               "dynamics": [] if tracker is None else tracker.history}
