@@ -60,6 +60,15 @@ def divergence_status(runs: list[dict], allow: bool) -> int:
     return 0
 
 
+def main_rank() -> bool:
+    """Whether this process speaks for the command: always, except ranks other than 0 under torchrun."""
+    import os
+
+    from tensorsam.train.distributed import rank_and_world
+
+    return rank_and_world()[0] == 0 and os.environ.get("RANK", "0") == "0"   # before or after joining
+
+
 def resumable(out: Path) -> bool:
     """Whether ``out`` holds anything ``--resume`` continues: a results file or a sweep's checkpoints."""
     from tensorsam.run.sweep import WORK
@@ -85,9 +94,12 @@ def run_task(task: str, cfg, args, started: float, *, figures: bool = True) -> i
 
     entry = get_task(task)
     out = check_writable_dir(args.out)      # before any work (the task's run checks it again)
-    if args.resume and not resumable(out):
+    if args.resume and not resumable(out) and main_rank():
         print(f"--resume: nothing to resume in {out} (no results.json, no checkpoints); starting fresh")
     results = entry.get("run")(cfg, out, resume=args.resume, progress=not args.no_progress, started=started)
+    if not main_rank():                         # under torchrun rank 0 speaks for every rank
+        bad = any(r.get("status") == "diverged" for r in results["runs"])
+        return DIVERGED if bad and not args.allow_divergence else 0
     for line in entry.get("summary")(results["runs"]):
         print(line)
     if args.resume and results.get("sweep") is not None:

@@ -5,7 +5,9 @@ calls ``fn(cell) -> (record, payload)`` for every cell in grid order (the first 
 and returns a :class:`SweepResult`.  Each finished cell is kept at once under
 ``out_dir/.work/<tag>.pt``; a cell's own checkpoints go next to it (:meth:`Sweep.checkpoint`).
 At the end the payloads of every cell are written to ``out_dir/<payload_file>`` (a dict tag ->
-payload), ``write(result)`` writes the results file, and ``.work`` is removed.
+payload), ``write(result)`` writes the results file, and ``.work`` is removed.  Under
+``torch.distributed`` every rank runs every cell (each its shard of the data) and rank 0 alone
+writes; the ranks meet at a barrier before :meth:`Sweep.run` returns.
 
 With ``resume=True`` a cell is not run again when it is finished, either in ``.work`` (an
 interrupted sweep) or in the output dir itself (``results.json`` holds a run whose record has the
@@ -30,6 +32,8 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from tensorsam.run.io import atomic_torch_save, load_checkpoint, to_jsonable
 from tensorsam.run.loop import fingerprint_changes
@@ -71,6 +75,17 @@ class SweepResult:
         """``4 cells: kept 3 finished earlier, ran 1`` (and what was dropped, if anything)."""
         text = f"{len(self.runs)} cells: kept {len(self.kept)} finished earlier, ran {len(self.ran)}"
         return text + (f"; {self.dropped} earlier run(s) not in this grid left out" if self.dropped else "")
+
+
+def _distributed() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized()
+
+
+def _writes() -> bool:
+    """Whether this process writes the sweep's files: always, except on ranks other than 0 of
+    ``torch.distributed`` (every rank runs every cell; rank 0 keeps them)."""
+    return not _distributed() or torch.distributed.get_rank() == 0
 
 
 def default_tag(coords: Mapping[str, Any]) -> str:
@@ -176,7 +191,7 @@ class Sweep:
                 record, payload = fn(cell)
                 for axis, value in cell.coords.items():
                     record.setdefault(axis, value)
-                if done is not None:
+                if done is not None and _writes():
                     atomic_torch_save({"record": json.dumps(to_jsonable(record)), "payload": payload,
                                        "fingerprint": json.dumps(self.fingerprint(cell))}, done)
                 result.ran.append(cell.tag)
@@ -184,10 +199,12 @@ class Sweep:
                 result.kept.append(cell.tag)
             result.runs.append(record)
             result.payloads[cell.tag] = payload
-        if self.out_dir is not None:
+        if self.out_dir is not None and _writes():
             if self.payload_file is not None:
                 atomic_torch_save(result.payloads, self.out_dir / self.payload_file)
             if write is not None:
                 write(result)
             shutil.rmtree(self.work, ignore_errors=True)
+        if _distributed():
+            torch.distributed.barrier()       # the files are there when any rank returns
         return result

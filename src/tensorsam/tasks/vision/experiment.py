@@ -35,7 +35,7 @@ from tensorsam.run import (
 )
 from tensorsam.run.io import check_writable_dir
 from tensorsam.tasks.vision.config import NEEDS_GROUPS, VisionConfig
-from tensorsam.train import accuracies, evaluate, fit, setup
+from tensorsam.train import DistInfo, accuracies, evaluate, fit, setup, unwrap, wrap
 
 
 TRAIN_SCORED = 2000   # training images scored (noisy and clean labels) at every evaluation
@@ -94,7 +94,7 @@ class _Data:
         return accuracies(model, *self.scored)
 
 
-def train_cell(cfg: VisionConfig, cell, data: _Data, device, *, checkpoint=None, resume=False, progress=False,
+def train_cell(cfg: VisionConfig, cell, data: _Data, info: DistInfo, *, checkpoint=None, resume=False, progress=False,
                models_dir: Path | None = None, fingerprint: dict | None = None) -> dict:
     """Train one cell; returns its run record (status ``skipped`` when the method needs tensorized layers)."""
     fmt, rank, method, seed = cell["format"], cell["rank"], cell["method"], cell["seed"]
@@ -105,11 +105,14 @@ def train_cell(cfg: VisionConfig, cell, data: _Data, device, *, checkpoint=None,
     if fmt == "none" and rank != cfg.ranks[0]:
         return {**base, "status": "skipped", "reason": f"a dense network has no rank (run once, at rank {cfg.ranks[0]})"}
     seed_everything(seed)
-    model = resnet(cfg.depth, None if fmt == "none" else fmt, rank, data.num_classes, data.in_channels).to(device)
+    model = resnet(cfg.depth, None if fmt == "none" else fmt, rank, data.num_classes, data.in_channels)
+    model = model.to(info.device)
     opt = build_optimizer(method, model.parameters(), **optimizer_options(cfg, method, model))
-    steps_per_epoch = len(data.train_y) // cfg.batch_size
+    model = wrap(model, info)                   # DDP under torchrun
+    steps_per_epoch = len(data.train_y) // info.world_size // cfg.batch_size
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * max(1, steps_per_epoch))
-    tracker = NormTracker(model, every=max(1, steps_per_epoch)) if scale_invariant_groups(model) else None
+    net = unwrap(model)
+    tracker = NormTracker(net, every=max(1, steps_per_epoch)) if scale_invariant_groups(net) else None
     t0 = time.perf_counter()
     res = fit(model, opt, (data.train_x, data.train_y), epochs=cfg.epochs, batch_size=cfg.batch_size,
               val=data.val, test=data.test_subset, eval_every=cfg.eval_every or None, scheduler=sched,
@@ -120,9 +123,9 @@ def train_cell(cfg: VisionConfig, cell, data: _Data, device, *, checkpoint=None,
     if res.status == "diverged":               # a result, not a NaN: the weights are not evaluated
         return {**base, "status": "diverged", "diverged_at": res.diverged_at, "wall_seconds": wall,
                 "seconds_per_step": res.seconds_per_step, "history": res.history}
-    final_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    record = {**base, "status": "ok", "params": count_parameters(model),
-              "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    final_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+    record = {**base, "status": "ok", "params": count_parameters(net),
+              "trainable_params": sum(p.numel() for p in net.parameters() if p.requires_grad),
               "seconds_per_step": res.seconds_per_step, "wall_seconds": wall,
               "final_test_acc": evaluate(model, data.test)["acc"],
               **{f"final_{k}": v for k, v in accuracies(model, data.train_norm, data.train_labels).items()},
@@ -130,9 +133,9 @@ def train_cell(cfg: VisionConfig, cell, data: _Data, device, *, checkpoint=None,
               "history": res.history,
               "dynamics": [] if tracker is None else tracker.history}
     if res.best_state is not None:
-        model.load_state_dict(res.best_state)
+        net.load_state_dict(res.best_state)
         record["test_acc_at_best_val"] = evaluate(model, data.test)["acc"]
-    if models_dir is not None:
+    if models_dir is not None and info.is_main:
         atomic_torch_save({"config": config_to_dict(cfg), "cell": dict(cell.coords), "final": final_state,
                            "best": res.best_state}, models_dir / f"{cell.tag}.pt")
     return record
@@ -145,9 +148,6 @@ def run_vision(cfg: VisionConfig, out_dir=None, *, resume: bool = False, progres
     if out_dir is not None:
         check_writable_dir(out_dir)
     info = setup(cfg.device)
-    if info.world_size > 1:
-        raise ValueError("the vision task runs in one process for now (fit supports DDP; the grid's writes "
-                         "are not yet rank-aware): start it without torchrun")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     sweep = vision_sweep(cfg, out_dir, resume=resume)
@@ -159,17 +159,18 @@ def run_vision(cfg: VisionConfig, out_dir=None, *, resume: bool = False, progres
         if key not in cache:
             cache.clear()                     # one data set on the device at a time
             cache[key] = _Data(cfg, cell["label_noise"], cell["seed"], info.device)
-        record = train_cell(cfg, cell, cache[key], info.device, checkpoint=sweep.checkpoint(cell, "fit"),
-                            resume=resume, progress=progress, models_dir=models_dir,
-                            fingerprint=sweep.fingerprint(cell))
+        record = train_cell(cfg, cell, cache[key], info, checkpoint=sweep.checkpoint(cell, "fit"),
+                            resume=resume, progress=progress and info.is_main, models_dir=models_dir,
+                            fingerprint=sweep.fingerprint(cell, world_size=info.world_size))
         record["data"] = cache[key].record
         return record, None
 
     def write(result):
         write_results(Path(out_dir) / "results.json", task="vision", config=cfg, runs=result.runs,
-                      extra={"sweep": result.record(), "device": str(info.device)}, started=started)
+                      extra={"sweep": result.record(), "device": str(info.device),
+                             "world_size": info.world_size}, started=started)
 
-    result = sweep.run(cell_fn, write, progress=progress)
+    result = sweep.run(cell_fn, write, progress=progress and info.is_main)
     return {"runs": result.runs, "sweep": result}
 
 
