@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch.distributed as dist
-
 from test_distributed import _free_port
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -40,7 +39,7 @@ def test_vision_under_torchrun_runs_ddp_writes_once_and_resumes_a_grown_grid(tmp
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "4 cells: kept 2 finished earlier, ran 2" in proc.stdout
     grown = json.loads((tmp_path / "results.json").read_text())
-    key = lambda r: (r["method"], r["seed"])                         # noqa: E731
+    key = lambda r: (r["method"], r["seed"])
     assert sorted(map(key, grown["runs"])) == [("das", 1), ("das", 2), ("sgd", 1), ("sgd", 2)]
     assert [r for r in grown["runs"] if r["seed"] == 1] == res["runs"]   # kept as they were
     assert not list(tmp_path.rglob("*.tmp")) and not (tmp_path / ".work").exists()

@@ -19,6 +19,7 @@ from . import __version__
 TOOLS: dict[str, tuple[str, str]] = {
     "report": ("tensorsam.commands.report", "render tables and figures from results files"),
     "compress-demo": ("tensorsam.commands.compress_demo", "decompose a dense layer in every format"),
+    "tune": ("tensorsam.commands.tune", "search a task's rho, alpha and lr with optuna on the validation split"),
 }
 
 

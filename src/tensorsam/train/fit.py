@@ -141,14 +141,16 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train: Data, *, epoc
         clip_grad_norm: float | None = None, sam_sync: bool = False, batch_transform: Callable | None = None,
         seed: int = 0, checkpoint=None, checkpoint_every: int = 500, resume: bool = False,
         progress: bool = True, desc: str = "", on_step: Callable[[int], None] | None = None,
-        on_evaluate: Callable[[nn.Module], dict] | None = None, fingerprint: dict | None = None) -> FitResult:
+        on_evaluate: Callable[[nn.Module], dict] | None = None, after_evaluation: Callable[[dict], None] | None = None,
+        fingerprint: dict | None = None) -> FitResult:
     """Train ``model`` for ``epochs`` epochs of ``train`` (see the module docstring).
 
     ``micro_batches`` splits each batch for gradient accumulation (see :mod:`tensorsam.train.steps`
     for SAM's per-micro-batch ascent); ``batch_transform(x)`` augments a training batch (its random
     draws come from the global RNG, which checkpoints save); ``on_step(step)`` is called after each
     step (e.g. to stop a run in a test); ``on_evaluate(model)`` returns more metrics for each history
-    row (e.g. :func:`accuracies` on the training images).  ``fingerprint`` goes to the :class:`~tensorsam.run.Loop`: a
+    row (e.g. :func:`accuracies` on the training images); ``after_evaluation(row)`` sees each finished
+    row (e.g. to prune a search trial by raising).  ``fingerprint`` goes to the :class:`~tensorsam.run.Loop`: a
     checkpoint made with another one is not resumed from.
     """
     x, y = _check_data("train", train)
@@ -222,6 +224,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train: Data, *, epoc
                 ex["best_val_acc"], ex["best_step"], ex["test_at_best"] = row["val_acc"], done, row.get("test_acc")
                 best.state = _cpu_copy(unwrap(model).state_dict())
             loop.log(loss=row["train_loss"], **({"val_acc": row["val_acc"]} if val is not None else {}))
+            if after_evaluation is not None:
+                after_evaluation(row)
             t_block = time.perf_counter()
         if on_step is not None:
             on_step(step)

@@ -13,7 +13,6 @@ one forward pass: how much of the noise is memorised.  The final and best-on-val
 
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
 
@@ -36,7 +35,6 @@ from tensorsam.run import (
 from tensorsam.run.io import check_writable_dir
 from tensorsam.tasks.vision.config import NEEDS_GROUPS, VisionConfig
 from tensorsam.train import DistInfo, accuracies, evaluate, fit, setup, unwrap, wrap
-
 
 TRAIN_SCORED = 2000   # training images scored (noisy and clean labels) at every evaluation
 
@@ -95,8 +93,11 @@ class _Data:
 
 
 def train_cell(cfg: VisionConfig, cell, data: _Data, info: DistInfo, *, checkpoint=None, resume=False, progress=False,
-               models_dir: Path | None = None, fingerprint: dict | None = None) -> dict:
-    """Train one cell; returns its run record (status ``skipped`` when the method needs tensorized layers)."""
+               models_dir: Path | None = None, fingerprint: dict | None = None, after_evaluation=None,
+               score_test: bool = True) -> dict:
+    """Train one cell; returns its run record (status ``skipped`` when the method needs tensorized layers).
+    ``after_evaluation`` goes to :func:`~tensorsam.train.fit`; ``score_test=False`` (a search) never
+    touches the test split."""
     fmt, rank, method, seed = cell["format"], cell["rank"], cell["method"], cell["seed"]
     base = {**cell.coords, "epochs": cfg.epochs}
     if fmt == "none" and method in NEEDS_GROUPS:
@@ -115,10 +116,10 @@ def train_cell(cfg: VisionConfig, cell, data: _Data, info: DistInfo, *, checkpoi
     tracker = NormTracker(net, every=max(1, steps_per_epoch)) if scale_invariant_groups(net) else None
     t0 = time.perf_counter()
     res = fit(model, opt, (data.train_x, data.train_y), epochs=cfg.epochs, batch_size=cfg.batch_size,
-              val=data.val, test=data.test_subset, eval_every=cfg.eval_every or None, scheduler=sched,
+              val=data.val, test=data.test_subset if score_test else None, eval_every=cfg.eval_every or None, scheduler=sched,
               tracker=tracker, batch_transform=data.transform, seed=seed, checkpoint=checkpoint,
               checkpoint_every=cfg.checkpoint_every, resume=resume, progress=progress, desc=cell.tag,
-              on_evaluate=data.train_accuracies, fingerprint=fingerprint)
+              on_evaluate=data.train_accuracies, after_evaluation=after_evaluation, fingerprint=fingerprint)
     wall = time.perf_counter() - t0
     if res.status == "diverged":               # a result, not a NaN: the weights are not evaluated
         return {**base, "status": "diverged", "diverged_at": res.diverged_at, "wall_seconds": wall,
@@ -127,12 +128,12 @@ def train_cell(cfg: VisionConfig, cell, data: _Data, info: DistInfo, *, checkpoi
     record = {**base, "status": "ok", "params": count_parameters(net),
               "trainable_params": sum(p.numel() for p in net.parameters() if p.requires_grad),
               "seconds_per_step": res.seconds_per_step, "wall_seconds": wall,
-              "final_test_acc": evaluate(model, data.test)["acc"],
+              "final_test_acc": evaluate(model, data.test)["acc"] if score_test else None,
               **{f"final_{k}": v for k, v in accuracies(model, data.train_norm, data.train_labels).items()},
               "best_val_acc": res.best_val_acc, "best_step": res.best_step, "test_acc_at_best_val": None,
               "history": res.history,
               "dynamics": [] if tracker is None else tracker.history}
-    if res.best_state is not None:
+    if res.best_state is not None and score_test:
         net.load_state_dict(res.best_state)
         record["test_acc_at_best_val"] = evaluate(model, data.test)["acc"]
     if models_dir is not None and info.is_main:
@@ -175,64 +176,16 @@ def run_vision(cfg: VisionConfig, out_dir=None, *, resume: bool = False, progres
 
 
 def summary_lines(runs: list[dict]) -> list[str]:
-    """Per (label noise, format, rank, method): final and best-on-validation test accuracy, mean ± std."""
-    lines = [(f"{'noise':>5} {'model':<8} {'method':<14} {'final test acc':>16} {'test acc @ best val':>20} "
-              f"{'train acc noisy/clean':>22} {'s/step':>7}")]
-    groups: dict = {}
-    for r in runs:
-        groups.setdefault((r["label_noise"], r["format"], r["rank"], r["method"]), []).append(r)
-    for (p, fmt, rank, method), rs in groups.items():
-        ok = [r for r in rs if r.get("status") == "ok"]
-        if not ok:
-            lines.append(f"{p:>5g} {fmt + str(rank):<8} {method:<14} skipped: {rs[0].get('reason', '')}")
-            continue
+    """Per (label noise, model, method): final and best-on-validation test accuracy, mean ± std over
+    seeds, training accuracy on noisy / clean labels, seconds per step (:mod:`.report`)."""
+    from tensorsam.tasks.vision.report import summary_lines as lines
 
-        def ms(key, ok=ok):
-            v = [r[key] for r in ok if r.get(key) is not None]
-            if not v:
-                return "–"
-            return f"{statistics.mean(v):.4f}" + (f" ± {statistics.stdev(v):.4f}" if len(v) > 1 else "")
-
-        step = statistics.mean(r["seconds_per_step"] or 0.0 for r in ok)
-        lines.append(f"{p:>5g} {fmt + str(rank):<8} {method:<14} {ms('final_test_acc'):>16} "
-                     f"{ms('test_acc_at_best_val'):>20} "
-                     f"{ms('final_train_acc_noisy')[:6] + '/' + ms('final_train_acc_clean')[:6]:>22} {step:>7.3f}")
-    return lines
+    return lines(runs)
 
 
 def figures(results: dict, out_dir) -> list[Path]:
-    """Test accuracy (the fixed subset) and, for tensorized models, the mean Q over layers, against
-    epochs: one panel per label noise, one line per (model, method), seeds averaged."""
-    from tensorsam.tasks import figure_grid, save_figure
+    """Test accuracy and mean Q against epochs per model, and the accuracy gain over SGD against the
+    compression ratio (:mod:`.report`)."""
+    from tensorsam.tasks.vision.report import figures as make
 
-    runs = [r for r in results["runs"] if r.get("status") == "ok" and r.get("history")]
-    if not runs:
-        return []
-    noises = sorted({r["label_noise"] for r in runs})
-    fig, axes = figure_grid(2, len(noises), (5 * len(noises), 7))
-    for j, p in enumerate(noises):
-        lines: dict = {}
-        for r in runs:
-            if r["label_noise"] == p:
-                lines.setdefault(f"{r['method']} ({r['format']}{r['rank']})", []).append(r)
-        for label, rs in lines.items():
-            epochs = [h["epoch"] for h in rs[0]["history"]]
-            acc = [statistics.mean(r["history"][i].get("test_acc", float("nan")) for r in rs)
-                   for i in range(len(epochs))]
-            axes[0][j].plot(epochs, acc, label=label)
-            q = _mean_q(rs)
-            if q:
-                axes[1][j].plot(*zip(*q), label=label)
-        axes[0][j].set(title=f"label noise {p:g}", xlabel="epoch", ylabel="test accuracy (2k subset)")
-        axes[1][j].set(xlabel="step", ylabel="mean Q over layers (Eq. 5)", yscale="log")
-        axes[0][j].legend(fontsize="small")
-    return [save_figure(fig, out_dir, "vision_curves.png")]
-
-
-def _mean_q(runs: list[dict]) -> list[tuple[int, float]]:
-    """(step, mean over layers and seeds of Q) from the runs' norm-tracker rows."""
-    by_step: dict = {}
-    for r in runs:
-        for row in r.get("dynamics") or []:
-            by_step.setdefault(row["step"], []).append(row["Q"])
-    return [(s, statistics.mean(v)) for s, v in sorted(by_step.items()) if all(q > 0 for q in v)]
+    return make(results, out_dir)
