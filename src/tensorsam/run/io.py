@@ -92,6 +92,19 @@ def atomic_write(path, write, check=None) -> None:
         raise
 
 
+def remove_stale_temporaries(folder) -> list[Path]:
+    """Remove the temporary files (and :func:`publish_directory` folders) that :func:`atomic_write`
+    leaves when its process is killed between writing and ``os.replace`` (``.<name>.<random>.tmp``),
+    anywhere under ``folder``; returns what was removed.  Call it when a run (re)starts in a folder
+    no other process writes to."""
+    removed = []
+    for path in sorted(Path(folder).rglob(".*.tmp")) if Path(folder).is_dir() else []:
+        if path.name.count(".") >= 3:
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def atomic_write_json(path, obj) -> None:
     """Write ``obj`` as indented, strict JSON through a temporary file and ``os.replace``.
 

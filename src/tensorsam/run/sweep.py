@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from tensorsam.run.io import atomic_torch_save, load_checkpoint, to_jsonable
+from tensorsam.run.io import atomic_torch_save, load_checkpoint, remove_stale_temporaries, to_jsonable
 from tensorsam.run.loop import fingerprint_changes
 
 WORK = ".work"
@@ -170,6 +170,8 @@ class Sweep:
         output dir) write the payload file, call ``write(result)`` (the results file) and remove
         ``.work``.  ``progress`` prints a line per cell to stderr (``[3/12] sam_seed2``)."""
         earlier, dropped = self.earlier() if self.resume else ({}, 0)
+        if self.out_dir is not None and _writes():
+            remove_stale_temporaries(self.out_dir)     # left by a process killed mid-write
         if self.work is not None:
             self.work.mkdir(parents=True, exist_ok=True)
         result = SweepResult([], {}, [], [], dropped)
