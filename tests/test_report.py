@@ -4,7 +4,15 @@ import time
 import pytest
 
 from tensorsam.cli import main
-from tensorsam.report import format_cell, load_results, make_report, metric_label, summarize
+from tensorsam.report import (
+    format_cell,
+    load_results,
+    make_report,
+    metric_label,
+    readable_ticks,
+    summarize,
+    tick_problems,
+)
 from tensorsam.run import write_results
 from tensorsam.tasks.registry import TASKS, Task
 
@@ -57,27 +65,24 @@ def test_summary_is_mean_and_sample_std_per_method():
 
 
 def test_cells_and_labels():
-    assert format_cell(0.9482, 0.0012, 3, 3) == "0.9482 ± 0.0012 (3)"
-    assert format_cell(-80.7, 19.4, 2, 3) == "-81 ± 19 (2 of 3)"
-    assert format_cell(0.95, 0.0, 3, 3) == "0.95 ± 0 (3)"
-    assert format_cell(0.95, math.nan, 1, 1) == "0.95 (1)"
-    assert format_cell(math.nan, math.nan, 0, 3) == "– (0 of 3)"
+    assert format_cell(0.9482, 0.0012, 3, 3) == "0.9482 ± 0.0012 (n=3)"
+    assert format_cell(-80.7, 19.4, 2, 3) == "-81 ± 19 (n=2 of 3)"
+    assert format_cell(0.95, 0.0, 3, 3) == "0.95 ± 0 (n=3)"
+    assert format_cell(math.nan, math.nan, 0, 3) == "– (n=0 of 3)"
+    assert format_cell(71.6, 0.42, 2, 2, decimals=2) == "71.60 ± 0.42 (n=2)"
     assert metric_label("heldout_r2_uncentred") == "held-out R² (uncentred)"
     assert metric_label("train_rmse") == "train RMSE" and metric_label("wall_seconds") == "wall s"
 
 
-def test_report_command_writes_both_layouts(tmp_path, capsys):
+def test_report_prints_each_table_once(tmp_path, capsys):
     results = _write(tmp_path / "e1" / "results.json")
     assert main(["report", str(results), "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     text = (tmp_path / "out" / "report.md").read_text()
     assert text in printed
-    assert "| metric | adam | sam | hooi |" in text
-    assert "| train R² | 0.9500 ± 0.0010 (3) |" in text
-    assert (
-        "| method | train R² | held-out R² | train R² (uncentred) | train RMSE | held-out RMSE | wall s |"
-        in text
-    )
+    assert "| metric | adam | sam | hooi |" in text            # 6 metrics, 3 methods: metrics as rows
+    assert "| train R² | 0.9500 ± 0.0010 (n=3) |" in text
+    assert "| method |" not in text and text.count("0.9500 ± 0.0010 (n=3)") == 1
     assert "seeds 42, 87, 100" in text and "rank: [8, 6, 8]" in text
     # default folder: next to the first results file
     make_report([results])
@@ -88,7 +93,7 @@ def test_pooling_files_of_one_task(tmp_path):
     a = _write(tmp_path / "a" / "results.json", runs=_runs()[:2])
     b = _write(tmp_path / "b" / "results.json", runs=_runs()[2:3])
     _, text = make_report([a, b], tmp_path, pool=True)
-    assert "completion (pooled over 2 files)" in text and "0.9500 ± 0.0010 (3)" in text
+    assert "completion (pooled over 2 files)" in text and "0.9500 ± 0.0010 (n=3)" in text
     _, text = make_report([a, b], tmp_path)
     assert text.count("## completion") == 2
 
@@ -140,29 +145,79 @@ def test_group_by_named_in_the_results_file(tmp_path):
         path, task="toy", config={}, runs=runs, extra={"group_by": ["method", "noise"]}, started=time.time()
     )
     _, text = make_report([path], tmp_path)
-    assert "| metric | gd, noise=0.0 | gd, noise=0.5 | sam, noise=0.0 | sam, noise=0.5 |" in text
-    assert "| final q | 1.50 ± 0.71 (2) |" in text and "| noise |" not in text
+    # four groups, one metric: a row per group
+    assert "| method | final q |" in text and "| metric |" not in text
+    assert "| gd, noise=0.0 | 1.50 ± 0.71 (n=2) |" in text and "| sam, noise=0.5 | 2.00 ± 0.71 (n=2) |" in text
     write_results(path, task="toy", config={}, runs=runs, extra={"group_by": "method"}, started=time.time())
     with pytest.raises(ValueError, match="group_by"):
         load_results(path)
 
 
+PAPER = {"source": "paper Table 1", "protocol": {"iterations": 50000, "rank": [8, 6, 8], "lr": 0.001},
+         "values": {"adam": {"train_r2": [0.9482, 0.0012]}, "das": {"train_r2": [0.9484, 0.0017]}}}
+
+
+def _with_reference(path, config, reference=PAPER, notes=None):
+    extra = {"reference": reference, **({"notes": notes} if notes else {})}
+    write_results(path, task="completion", config=config, runs=_runs(), extra=extra, started=time.time())
+    return path
+
+
 def test_notes_and_reference_comparison(tmp_path):
-    path = tmp_path / "results.json"
-    reference = {
-        "source": "paper Table 1",
-        "values": {"adam": {"train_r2": [0.9482, 0.0012]}, "das": {"train_r2": [0.9484, 0.0017]}},
-    }
-    extra = {"notes": "R² on training entries is what the paper reports.", "reference": reference}
-    write_results(path, task="completion", config={}, runs=_runs(), extra=extra, started=time.time())
+    path = _with_reference(tmp_path / "results.json", {"iterations": 50000, "rank": [8, 6, 8], "lr": 1e-3},
+                           notes="R² on training entries is what the paper reports.")
     _, text = make_report([path], tmp_path)
     assert "> R² on training entries is what the paper reports." in text
-    assert "| adam | train R² | 0.9500 ± 0.0010 (3) | 0.9482 ± 0.0012 | +1.5 σ |" in text
+    assert "| adam | train R² | 0.9500 ± 0.0010 (n=3) | 0.9482 ± 0.0012 | +1.5 σ |" in text
     assert "| das | train R² | – | 0.9484 ± 0.0017 | – |" in text
-    extra["reference"] = {"values": {"adam": {"train_r2": 0.9}}}
-    write_results(path, task="completion", config={}, runs=_runs(), extra=extra, started=time.time())
+    write_results(path, task="completion", config={}, runs=_runs(),
+                  extra={"reference": {"values": {"adam": {"train_r2": 0.9}}}}, started=time.time())
     with pytest.raises(ValueError, match="'reference' must be"):
         load_results(path)
+    write_results(path, task="completion", config={}, runs=_runs(),
+                  extra={"reference": {**PAPER, "protocol": [50000]}}, started=time.time())
+    with pytest.raises(ValueError, match="'reference' must be"):
+        load_results(path)
+
+
+def test_paper_comparison_only_when_protocol_matches(tmp_path):
+    short = _with_reference(tmp_path / "a" / "results.json", {"iterations": 200, "rank": [8, 6, 8], "lr": 0.001})
+    _, text = make_report([short], tmp_path / "a", figures=False)
+    assert "σ" not in text
+    assert ("_Comparison with paper Table 1 omitted: the protocol differs (this run vs the reference): "
+            "iterations 200 vs 50000._") in text
+    no_field = _with_reference(tmp_path / "b" / "results.json", {"iterations": 50000, "rank": [8, 6, 8]})
+    _, text = make_report([no_field], tmp_path / "b", figures=False)
+    assert "σ" not in text and "lr unset vs 0.001" in text
+    unknown = _with_reference(tmp_path / "c" / "results.json", {"iterations": 200},
+                              reference={k: v for k, v in PAPER.items() if k != "protocol"})
+    _, text = make_report([unknown], tmp_path / "c", figures=False)
+    assert "σ" not in text and "the reference does not record the protocol" in text
+    full = _with_reference(tmp_path / "d" / "results.json", {"iterations": 50000, "rank": [8, 6, 8], "lr": 0.001})
+    _, text = make_report([full, short], tmp_path / "d", pool=True, figures=False)   # one file differs: omitted
+    assert "σ" not in text and "iterations 200 vs 50000" in text
+    _, text = make_report([full], tmp_path / "d", figures=False)
+    assert "+1.5 σ" in text
+
+
+def test_single_seed_shows_no_spread(tmp_path):
+    assert format_cell(0.95, math.nan, 1, 1) == "0.95 (n=1)"
+    assert format_cell(0.95, 0.0, 1, 1) == "0.95 (n=1)"
+    runs = [r for r in _runs() if r["seed"] == 42]
+    _, text = make_report([_write(tmp_path / "results.json", runs=runs)], tmp_path, figures=False)
+    table = text[text.index("| metric |"):text.index("<details>")]
+    assert "±" not in table and "| train R² | 0.949 (n=1) | 0.948 (n=1) | 0.92 (n=1) |" in table
+
+
+def test_skipped_runs_are_listed_and_not_counted(tmp_path):
+    runs = _runs()
+    runs.append({"method": "das", "seed": 42, "status": "skipped", "reason": "no tensorized layers"})
+    runs.append({"method": "sam", "seed": 7, "status": "skipped", "reason": "no pairs"})
+    path = _write(tmp_path / "results.json", runs=runs)
+    _, text = make_report([path], tmp_path, figures=False)
+    assert "| metric | adam | sam | hooi |" in text and "(n=3)" in text and "of 4" not in text
+    assert "- **skipped**: das, seed 42: no tensorized layers" in text
+    assert "11 runs (2 skipped)" in text
 
 
 def test_diverged_runs_are_marked_and_left_out_of_the_means(tmp_path):
@@ -178,4 +233,59 @@ def test_diverged_runs_are_marked_and_left_out_of_the_means(tmp_path):
     _, text = make_report([path], tmp_path, figures=False)
     assert "3 of 9 runs" not in text and "9 runs (1 diverged)" in text
     assert "- **diverged**: adam, seed 87 at step 37" in text
-    assert "| train R² | 0.94950 ± 0.00071 (2 of 3) |" in text
+    assert "| train R² | 0.94950 ± 0.00071 (n=2 of 3) |" in text
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """Every figure saved through tensorsam.run.io.atomic_save_figure, with its path."""
+    from tensorsam.run import io
+
+    saved, save = [], io.atomic_save_figure
+
+    def capture(fig, path, **kwargs):
+        saved.append((fig, path))
+        return save(fig, path, **kwargs)
+
+    monkeypatch.setattr(io, "atomic_save_figure", capture)
+    return saved
+
+
+def _flatness_results():
+    d = [i / 10 - 3 for i in range(61)]
+    runs = []
+    for direction in ("raw", "filter"):
+        for method, r2 in (("hooi", -14.0), ("adam", -230.0), ("sam", -16.0), ("das", -15.5)):
+            trace = {"d": d, "loss": [1000 + 500 * x * x for x in d], "heldout_r2": [r2 - x * x for x in d]}
+            runs.append({"method": method, "direction": direction, "trace": trace})
+    return {"task": "flatness", "runs": runs}
+
+
+def test_flatness_figure_has_readable_tick_labels(tmp_path, saved_figures):
+    from tensorsam.tasks.flatness import figures
+
+    (path,) = figures(_flatness_results(), tmp_path)
+    assert path.stat().st_size > 0
+    (fig, _), = saved_figures
+    assert tick_problems(fig, min_labels=3) == []
+
+
+def _axes(scale, values):
+    from tensorsam.tasks import figure_grid
+
+    fig, axes = figure_grid(1, 1, (4, 3))
+    axes[0][0].plot(range(len(values)), values)
+    axes[0][0].set_yscale(scale)
+    return fig
+
+
+def test_readable_ticks_fills_a_bare_axis_and_thins_crowded_labels():
+    bare = _axes("symlog", [-14.0, -20.0, -240.0])            # one decade label in view
+    assert any("tick label" in p for p in tick_problems(bare, min_labels=3))
+    assert tick_problems(readable_ticks(bare), min_labels=3) == []
+    crowded = _axes("symlog", [1e4, 0.0, -1e5])               # ±10⁰ and 0 overlap at linthresh 2
+    assert any("overlapping" in p for p in tick_problems(crowded))
+    readable_ticks(crowded)
+    assert tick_problems(crowded) == []
+    labels = [t.get_text() for t in crowded.axes[0].get_yticklabels()]
+    assert any(text.endswith("{0}$") and "10" not in text for text in labels)       # zero kept

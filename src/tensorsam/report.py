@@ -1,21 +1,27 @@
 """Render results files (written by :func:`tensorsam.run.write_results`) as Markdown.
 
-For each results file (or, with ``pool=True``, each task pooled over files) the report has
+For each results file (or, with ``pool=True``, each task pooled over files) the report has one
+table of every numeric metric per method: a row per metric and a column per method (the paper's
+Table 1 layout) when there are at least as many metrics as methods, else a row per method.
 
-- the paper's Table 1 layout: a row per metric, a column per method;
-- the same numbers with a row per method and a column per metric (training and held-out
-  metrics side by side).
+Each cell is ``mean ± std (n=k)`` over the runs of that method (usually one per seed), with the
+sample standard deviation (ddof = 1); a single run shows its value alone, ``(n=1)``.  Non-finite
+or ``null`` values, and every value of a run whose ``status`` is ``"diverged"``, are left out of
+the statistics and the cell then shows ``(n=k of m)``; the diverged runs are listed under the
+table with their step.  Runs with ``status: "skipped"`` never ran: they are listed with their
+reason and counted nowhere.  A results file may name the run fields to group by in a top-level
+``"group_by"`` list (for example ``["method", "noise"]``); the default groups by ``method``.
+Optional top-level ``"notes"`` (a string or list of strings) are quoted under the table.
 
-Each cell is ``mean ± std (n)`` over the runs of that method (usually one per seed), with the
-sample standard deviation (ddof = 1).  Non-finite or ``null`` values, and every value of a run
-whose ``status`` is ``"diverged"``, are left out of the statistics and the cell then shows
-``(k of n)``; the diverged runs are listed under the tables with their step.  Figures come from the task registry
-(:mod:`tensorsam.tasks.registry`) when the file's task is registered with a figures function.  A
-results file may name the run fields to group by in a
-top-level ``"group_by"`` list (for example ``["method", "noise"]``); the default groups by
-``method``.  Optional top-level ``"notes"`` (a string or list of strings) are quoted under the
-tables, and ``"reference"`` (published numbers, see :func:`reference_table`) adds a table of
-our means against them in units of the published standard deviation.
+``"reference"`` (published numbers, see :func:`reference_table`) adds a table of our means against
+them in units of the published standard deviation, but only when the reference records the
+``"protocol"`` it was measured under (config fields and values) and every run's config has the
+same values (:func:`protocol_differences`); otherwise one line says why the comparison is omitted.
+
+Figures come from the task registry (:mod:`tensorsam.tasks.registry`) when the file's task is
+registered with a figures function.  A task may also replace the generic table with its own
+Markdown (:func:`task_sections`).  :func:`readable_ticks` makes a figure's tick labels present and
+non-overlapping; :func:`tick_problems` says what is wrong with them (tests use it).
 """
 
 from __future__ import annotations
@@ -66,7 +72,7 @@ def load_results(path) -> dict:
     if reference is not None and not _valid_reference(reference):
         raise ValueError(
             f"results file {path}: 'reference' must be "
-            "{'source': str, 'values': {method: {metric: [mean, std]}}}"
+            "{'source': str, 'protocol': {field: value}, 'values': {method: {metric: [mean, std]}}}"
         )
     group_by = data.get("group_by")
     if group_by is not None and not (
@@ -79,6 +85,8 @@ def load_results(path) -> dict:
 
 def _valid_reference(ref) -> bool:
     values = ref.get("values") if isinstance(ref, dict) else None
+    if isinstance(ref, dict) and not isinstance(ref.get("protocol", {}), dict):
+        return False
     return isinstance(values, dict) and all(
         isinstance(per, dict)
         and all(isinstance(v, list) and len(v) == 2 and all(_is_number(x) for x in v) for v in per.values())
@@ -126,18 +134,18 @@ def summarize(
 
     Runs are grouped by ``group_by`` (run fields, e.g. ``["method", "noise"]``) when given,
     else by the first of ``method``/``name``/``label`` they have.  ``k`` counts the finite values
-    used (none from a diverged run), ``n`` the method's runs; ``std`` is the sample standard
-    deviation (NaN when k < 2).
+    used (none from a diverged run), ``n`` the method's runs (skipped runs are not counted);
+    ``std`` is the sample standard deviation (NaN when k < 2).
     """
     methods: list[str] = []
     groups: dict[str, list[dict]] = {}
-    for run in runs:
+    for run in (r for r in runs if not skipped(r)):
         m = _group_of(run, group_by)
         if m not in groups:
             methods.append(m)
             groups[m] = []
         groups[m].append(run)
-    metrics = metric_keys(runs, exclude=group_by or ())
+    metrics = metric_keys([r for g in groups.values() for r in g], exclude=group_by or ())
     stats = {}
     for m in methods:
         for key in metrics:
@@ -150,24 +158,25 @@ def summarize(
     return methods, metrics, stats
 
 
-def format_cell(mean: float, std: float, k: int, n: int) -> str:
-    """``mean ± std (k)``: decimals follow two significant digits of the std."""
+def format_cell(mean: float, std: float, k: int, n: int, decimals: int | None = None) -> str:
+    """``mean ± std (n=k)``: decimals follow two significant digits of the std (or are ``decimals``);
+    one value is shown alone, ``value (n=1)``; ``(n=k of n)`` when only k of the n runs gave a
+    finite value."""
+    count = f"(n={k})" if k == n else f"(n={k} of {n})"
     if k == 0:
-        return f"– (0 of {n})"
-    if math.isfinite(std) and std <= 1e-12 * max(1.0, abs(mean)):  # identical up to rounding
-        std = 0.0
-    if math.isfinite(std) and std > 0:
+        return f"– {count}"
+    plain = f"{mean:.6g}" if decimals is None else f"{mean:.{decimals}f}"
+    if k == 1 or not math.isfinite(std):
+        return f"{plain} {count}"
+    if std <= 1e-12 * max(1.0, abs(mean)):  # identical up to rounding
+        return f"{plain} ± 0 {count}"
+    if decimals is None:
         decimals = min(max(1 - math.floor(math.log10(std)), 0), 8)
-        text = f"{mean:.{decimals}f} ± {std:.{decimals}f}"
-    elif math.isfinite(std):  # identical values
-        text = f"{mean:.6g} ± 0"
-    else:
-        text = f"{mean:.6g}"
-    count = f"({k})" if k == n else f"({k} of {n})"
-    return f"{text} {count}"
+    return f"{mean:.{decimals}f} ± {std:.{decimals}f} {count}"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table of ``rows`` under ``header``."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -176,7 +185,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def reference_table(stats: dict, reference: dict) -> str:
     """Our means against published ``reference`` values, with the gap in reference σ.
 
-    ``reference`` is ``{"source": str, "values": {method: {metric: [mean, std]}}}``.
+    ``reference`` is ``{"source": str, "values": {method: {metric: [mean, std]}}}`` (its protocol
+    is checked by the caller, :func:`reference_section`).
     """
     rows = []
     for method, metrics in (reference.get("values") or {}).items():
@@ -191,29 +201,61 @@ def reference_table(stats: dict, reference: dict) -> str:
     if not rows:
         return ""
     source = reference.get("source", "reference")
-    table = _table(["method", "metric", "ours", str(source), "ours − reference"], rows)
+    table = markdown_table(["method", "metric", "ours", str(source), "ours − reference"], rows)
     return f"Against {source}:\n\n{table}"
 
 
-def tables(runs: Sequence[dict], group_by: Sequence[str] | None = None, reference: dict | None = None) -> str:
-    """Both layouts of one group of runs (and the reference comparison, if any) as Markdown."""
+def _same_value(a, b) -> bool:
+    if _is_number(a) and _is_number(b):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def protocol_differences(config: dict | None, protocol: dict) -> list[str]:
+    """``"field ours vs reference"`` for each field of ``protocol`` whose value in the
+    run's ``config`` differs (a field the config lacks differs too)."""
+    config = config or {}
+    return [f"{key} {config.get(key, 'unset')} vs {want}"
+            for key, want in protocol.items() if key not in config or not _same_value(config[key], want)]
+
+
+def reference_section(stats: dict, reference: dict, configs: Sequence[dict | None]) -> str:
+    """The comparison with ``reference`` when every config has its protocol, else one line saying
+    why it is omitted (a reference without a protocol is never compared)."""
+    source = reference.get("source", "the reference")
+    protocol = reference.get("protocol")
+    if not protocol:
+        return (f"_Comparison with {source} omitted: the reference does not record the protocol "
+                "its numbers were measured under._")
+    diffs = list(dict.fromkeys(d for c in configs for d in protocol_differences(c, protocol)))
+    if diffs:
+        return (f"_Comparison with {source} omitted: the protocol differs (this run vs the reference): "
+                f"{'; '.join(diffs)}._")
+    return reference_table(stats, reference)
+
+
+def tables(runs: Sequence[dict], group_by: Sequence[str] | None = None, reference: dict | None = None,
+           configs: Sequence[dict | None] = ()) -> str:
+    """The runs' table (rows: the longer of metrics and methods) and, when the protocol matches,
+    the comparison with ``reference``, as Markdown.  ``configs``: the configs of the runs' files."""
     methods, metrics, stats = summarize(runs, group_by)
-    if not runs or not metrics:
+    if not methods or not metrics:
         return "_No numeric metrics in these runs._"
-    against = reference_table(stats, reference) if reference else ""
-    paper = _table(
-        ["metric", *methods],
-        [[metric_label(key)] + [format_cell(*stats[(m, key)]) for m in methods] for key in metrics],
-    )
-    per_method = _table(
-        ["method", *(metric_label(k) for k in metrics)],
-        [[m] + [format_cell(*stats[(m, key)]) for key in metrics] for m in methods],
-    )
-    text = (
-        "Paper's Table 1 layout (rows: metrics; cells: mean ± std over runs, (number of runs)):\n\n"
-        f"{paper}\n\nPer method:\n\n{per_method}"
-    )
+    if len(metrics) >= len(methods):     # the paper's Table 1 layout
+        text = "Rows: metrics; columns: methods" + _CELL_NOTE + "\n\n" + markdown_table(
+            ["metric", *methods],
+            [[metric_label(key)] + [format_cell(*stats[(m, key)]) for m in methods] for key in metrics])
+    else:
+        text = "Rows: methods; columns: metrics" + _CELL_NOTE + "\n\n" + markdown_table(
+            ["method", *(metric_label(k) for k in metrics)],
+            [[m] + [format_cell(*stats[(m, key)]) for key in metrics] for m in methods])
+    against = reference_section(stats, reference, configs or [None]) if reference else ""
     return f"{text}\n\n{against}" if against else text
+
+
+_CELL_NOTE = "; cells: mean ± sample std over runs (n = number of runs with a finite value):"
 
 
 def diverged(run: dict) -> bool:
@@ -232,6 +274,18 @@ def diverged_note(runs: Sequence[dict], group_by: Sequence[str] | None = None) -
     return "Diverged runs (non-finite loss; left out of the means above):\n\n" + "\n".join(lines)
 
 
+def skipped(run: dict) -> bool:
+    """Whether a run's ``status`` says it was skipped (it never ran)."""
+    return run.get("status") == "skipped"
+
+
+def skipped_note(runs: Sequence[dict], group_by: Sequence[str] | None = None) -> str:
+    """The skipped runs, one bullet each with the reason (empty when none was skipped)."""
+    lines = [f"- **skipped**: {_group_of(r, group_by)}" + (f", seed {r['seed']}" if "seed" in r else "")
+             + (f": {r['reason']}" if r.get("reason") else "") for r in runs if skipped(r)]
+    return "Skipped runs (never ran; not counted):\n\n" + "\n".join(lines) if lines else ""
+
+
 def _summary_line(results: dict) -> str:
     runs = results["runs"]
     seeds = sorted(
@@ -239,8 +293,9 @@ def _summary_line(results: dict) -> str:
         key=lambda s: (not _is_number(s), s if _is_number(s) else str(s)),
     )
     prov = results.get("provenance") or {}
-    bad = sum(1 for r in runs if diverged(r))
-    parts = [f"task `{results['task']}`", f"{len(runs)} runs" + (f" ({bad} diverged)" if bad else "")]
+    bad = [f"{n} {what}" for what, n in (("diverged", sum(map(diverged, runs))), ("skipped", sum(map(skipped, runs))))
+           if n]
+    parts = [f"task `{results['task']}`", f"{len(runs)} runs" + (f" ({', '.join(bad)})" if bad else "")]
     if seeds:
         parts.append("seeds " + ", ".join(str(s) for s in seeds))
     if _is_number(results.get("wall_seconds")):
@@ -261,12 +316,16 @@ def _config_block(config) -> str:
     return f"<details><summary>config</summary>\n\n```yaml\n{body}\n```\n\n</details>"
 
 
+def _task(results: dict):
+    from tensorsam.tasks.registry import TASKS
+
+    return TASKS.get(str(results.get("task", "")))
+
+
 def task_figures(results: dict, out_dir: Path) -> list[Path]:
     """The figures of the registered task named by the results file (:mod:`tensorsam.tasks.registry`),
     made in ``out_dir``; none for a task that is not registered or has no figures."""
-    from tensorsam.tasks.registry import TASKS
-
-    task = TASKS.get(str(results.get("task", "")))
+    task = _task(results)
     fn = None if task is None else task.get("figures")
     if fn is None:
         return []
@@ -274,8 +333,186 @@ def task_figures(results: dict, out_dir: Path) -> list[Path]:
     return [Path(p) for p in (fn(results, out_dir) or [])]
 
 
+def task_sections(results: dict) -> str | None:
+    """The task's own Markdown for ``results`` (its registry ``report`` part), or None to use the
+    generic table."""
+    task = _task(results)
+    fn = None if task is None else task.get("report")
+    return None if fn is None else fn(results)
+
+
+def _labelled_ticks(axis) -> list[tuple[float, object]]:
+    """(location, label) of the ticks inside the view whose label is shown and not empty."""
+    lo, hi = sorted(axis.get_view_interval())
+    pad = 1e-9 * max(abs(lo), abs(hi), 1e-300)
+    out = []
+    for locs, ticks in ((axis.get_majorticklocs(), axis.get_major_ticks()),
+                        (axis.get_minorticklocs(), axis.get_minor_ticks())):
+        for loc, tick in zip(locs, ticks):
+            label = tick.label1 if tick.label1.get_visible() else tick.label2
+            if lo - pad <= loc <= hi + pad and label.get_visible() and label.get_text().strip():
+                out.append((float(loc), label))
+    return sorted(out, key=lambda t: t[0])
+
+
+def _overlaps(labels, renderer) -> list[tuple[object, object]]:
+    boxes = [lab.get_window_extent(renderer).padded(1.0) for lab in labels]
+    return [(labels[i], labels[i + 1]) for i in range(len(labels) - 1) if boxes[i].overlaps(boxes[i + 1])]
+
+
+def _checked_axes(fig):
+    """(name, axis) of every axis of a plotted panel whose tick labels are meant to show."""
+    for i, ax in enumerate(fig.axes):
+        if not ax.get_visible() or not ax.has_data():
+            continue
+        for name, axis in (("x", ax.xaxis), ("y", ax.yaxis)):
+            tick = axis.get_major_ticks()[0] if axis.get_major_ticks() else None
+            if tick is not None and (tick.label1.get_visible() or tick.label2.get_visible()):
+                yield f"panel {i} {name}", axis
+
+
+def tick_problems(fig, min_labels: int = 2) -> list[str]:
+    """What makes the figure's tick labels unreadable: an axis with fewer than ``min_labels`` labels
+    in view, or labels that overlap (empty when all is well)."""
+    renderer = fig.canvas.get_renderer()
+    fig.draw_without_rendering()
+    problems = []
+    for name, axis in _checked_axes(fig):
+        labelled = _labelled_ticks(axis)
+        if len(labelled) < min_labels:
+            problems.append(f"{name}: {len(labelled)} tick label(s)")
+        clash = _overlaps([lab for _, lab in labelled], renderer)
+        if clash:
+            problems.append(f"{name}: overlapping tick labels " + ", ".join(
+                f"{a.get_text()!r}/{b.get_text()!r}" for a, b in clash))
+    return problems
+
+
+def _short(value, _pos=None) -> str:
+    text = f"{value:.0f}" if 1 <= abs(value) < 1e6 and value == round(value) else f"{value:.4g}"
+    return text.replace("-", "−")
+
+
+def _densify(axis) -> None:
+    """More labelled ticks on an axis that shows too few."""
+    from matplotlib import ticker
+
+    scale = axis.get_scale()
+    if scale == "log":
+        axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    elif scale == "symlog":
+        axis.set_major_locator(ticker.SymmetricalLogLocator(axis.get_transform(), subs=(1.0, 2.0, 5.0)))
+    else:
+        axis.set_major_locator(ticker.MaxNLocator(5))
+    axis.set_major_formatter(ticker.FuncFormatter(_short))
+    axis.set_minor_formatter(ticker.NullFormatter())
+
+
+def _spread(axis) -> None:
+    """Three ticks evenly spread (in the axis' scale) over the view, the last resort."""
+    import numpy as np
+    from matplotlib import ticker
+
+    tr = axis.get_transform()
+    ends = tr.transform(np.asarray(sorted(axis.get_view_interval()), dtype=float))
+    axis.set_major_locator(ticker.FixedLocator(tr.inverted().transform(np.linspace(*ends, 3))))
+    axis.set_major_formatter(ticker.FuncFormatter(_short))
+
+
+def _thin(axis, renderer) -> None:
+    """Drop tick labels that overlap one kept before them (zero is kept first); rotate category
+    labels instead."""
+    from matplotlib import ticker
+    from matplotlib.category import StrCategoryFormatter
+
+    labelled = [t for t in _labelled_ticks(axis) if t[1] in axis.get_majorticklabels()]
+    if not _overlaps([lab for _, lab in labelled], renderer):
+        return
+    if isinstance(axis.get_major_formatter(), ticker.FixedFormatter | StrCategoryFormatter):
+        for lab in axis.get_majorticklabels():
+            lab.set(rotation=30, ha="right", rotation_mode="anchor")
+        return
+    kept: list = []
+    for loc, lab in sorted(labelled, key=lambda t: t[0] != 0):      # zero first, then in order
+        if not any(_overlaps([other, lab], renderer) for _, other in kept):
+            kept.append((loc, lab))
+    axis.set_major_locator(ticker.FixedLocator(sorted(loc for loc, _ in kept)))
+    axis.set_minor_formatter(ticker.NullFormatter())
+
+
+def _wanted(axis, min_labels: int) -> int:
+    """Labels an axis needs: one for categories, two for ticks placed by hand (a FixedLocator)."""
+    from matplotlib import ticker
+    from matplotlib.category import StrCategoryFormatter
+
+    if isinstance(axis.get_major_formatter(), StrCategoryFormatter):
+        return 1
+    return min(2, min_labels) if isinstance(axis.get_major_locator(), ticker.FixedLocator) else min_labels
+
+
+def readable_ticks(fig, min_labels: int = 3):
+    """Give every plotted axis of ``fig`` at least ``min_labels`` tick labels (two where the ticks
+    were placed by hand, one for categories) and no overlapping ones (call it after plotting,
+    before saving; calling it again changes nothing); returns ``fig``."""
+    renderer = fig.canvas.get_renderer()
+    fig.draw_without_rendering()
+    for fix in (_densify, _spread):
+        sparse = [axis for _, axis in _checked_axes(fig)
+                  if len(_labelled_ticks(axis)) < _wanted(axis, min_labels)]
+        for axis in sparse:
+            fix(axis)
+        fig.draw_without_rendering()
+    for _, axis in _checked_axes(fig):
+        _thin(axis, renderer)
+    fig.draw_without_rendering()
+    return fig
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "results"
+
+
+def _sections(paths: list[Path], loaded: list[dict], pool: bool):
+    """(title, runs, [(path, results)]) per file, or per task when pooling."""
+    if not pool:
+        return [(f"{res['task']}: {p}", res["runs"], [(p, res)]) for p, res in zip(paths, loaded)]
+    by_task: dict[str, list[tuple[Path, dict]]] = {}
+    for p, res in zip(paths, loaded):
+        by_task.setdefault(str(res["task"]), []).append((p, res))
+    return [(f"{task} (pooled over {len(items)} files)", [r for _, res in items for r in res["runs"]], items)
+            for task, items in by_task.items()]
+
+
+def _body(runs: list[dict], items: list[tuple[Path, dict]]) -> list[str]:
+    """The tables and run notes of one section: the task's own, or the generic table."""
+    first = items[0][1]
+    own = task_sections({**first, "runs": runs})
+    if own is not None:
+        return [own, ""]
+    group_by = first.get("group_by")
+    lines = [tables(runs, group_by, first.get("reference"), [res.get("config") for _, res in items]), ""]
+    for note in (diverged_note(runs, group_by), skipped_note(runs, group_by)):
+        lines += [note, ""] if note else []
+    return lines
+
+
+def _file_lines(p: Path, res: dict, out_dir: Path, figures: bool, used: set[str]) -> list[str]:
+    """A file's notes, config and figure links."""
+    notes = res.get("notes") or []
+    lines = [f"> {note}" for note in ([notes] if isinstance(notes, str) else notes)]
+    lines += [""] if notes else []
+    block = _config_block(res.get("config"))
+    lines += [block, ""] if block else []
+    if not figures:
+        return lines
+    slug = _slug(f"{p.parent.name}-{p.stem}")
+    while slug in used:
+        slug += "-1"
+    used.add(slug)
+    for fig in task_figures(res, out_dir / "figures" / slug):
+        rel = Path(os.path.relpath(fig.resolve(), out_dir.resolve())).as_posix()
+        lines += [f"![{fig.stem}]({rel})", ""]
+    return lines
 
 
 def make_report(
@@ -292,44 +529,13 @@ def make_report(
     loaded = [load_results(p) for p in paths]
     out_dir = check_writable_dir(out_dir if out_dir is not None else paths[0].parent)
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    sections: list[tuple[str, list[dict], list[tuple[Path, dict]]]] = []
-    if pool:
-        by_task: dict[str, list[tuple[Path, dict]]] = {}
-        for p, res in zip(paths, loaded):
-            by_task.setdefault(str(res["task"]), []).append((p, res))
-        for task, items in by_task.items():
-            runs = [r for _, res in items for r in res["runs"]]
-            sections.append((f"{task} (pooled over {len(items)} files)", runs, items))
-    else:
-        sections = [(f"{res['task']}: {p}", res["runs"], [(p, res)]) for p, res in zip(paths, loaded)]
-
     used: set[str] = set()
     lines = ["# tensorsam report", ""]
-    for title, runs, items in sections:
-        lines += [f"## {title}", ""]
+    for title, runs, items in _sections(paths, loaded, pool):
+        lines += [f"## {title}", "", *(f"- `{p}`: {_summary_line(res)}" for p, res in items), ""]
+        lines += _body(runs, items)
         for p, res in items:
-            lines += [f"- `{p}`: {_summary_line(res)}"]
-        first = items[0][1]
-        lines += ["", tables(runs, first.get("group_by"), first.get("reference")), ""]
-        note = diverged_note(runs, first.get("group_by"))
-        lines += [note, ""] if note else []
-        for p, res in items:
-            notes = res.get("notes") or []
-            lines += [f"> {note}" for note in ([notes] if isinstance(notes, str) else notes)]
-            lines += [""] if notes else []
-            block = _config_block(res.get("config"))
-            if block:
-                lines += [block, ""]
-            if not figures:
-                continue
-            slug = _slug(f"{p.parent.name}-{p.stem}")
-            while slug in used:
-                slug += "-1"
-            used.add(slug)
-            for fig in task_figures(res, out_dir / "figures" / slug):
-                rel = Path(os.path.relpath(fig.resolve(), out_dir.resolve())).as_posix()
-                lines += [f"![{fig.stem}]({rel})", ""]
+            lines += _file_lines(p, res, out_dir, figures, used)
     text = "\n".join(lines).rstrip() + "\n"
     target = out_dir / "report.md"
     atomic_write_text(target, text)

@@ -14,6 +14,8 @@ The parts' contracts:
   when the task is a grid of resumable cells);
 - ``figures(results, out_dir) -> list[Path]``: figures of a results file's dict;
 - ``summary(runs) -> list[str]``: the lines the command prints;
+- ``report(results) -> str`` (optional): the Markdown ``tensorsam report`` prints for a results file
+  of the task, instead of the generic table;
 - ``command``: a module with ``add_arguments(parser)`` and ``run(args) -> int``.
 """
 
@@ -22,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from typing import Any
+
+PARTS = ("config", "run", "figures", "summary", "report")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,12 +39,13 @@ class Task:
     run: Any = None
     figures: Any = None
     summary: Any = None
+    report: Any = None
 
     def get(self, part: str) -> Any:
-        """The part ``part`` (``"config"``, ``"run"``, ``"figures"``, ``"summary"``), imported if named
-        by a ``"module:attribute"`` string; None when the task has no such part."""
-        if part not in ("config", "run", "figures", "summary"):
-            raise ValueError(f"unknown task part {part!r}; expected config, run, figures or summary")
+        """The part ``part`` (``"config"``, ``"run"``, ``"figures"``, ``"summary"``, ``"report"``), imported
+        if named by a ``"module:attribute"`` string; None when the task has no such part."""
+        if part not in PARTS:
+            raise ValueError(f"unknown task part {part!r}; expected one of {', '.join(PARTS)}")
         ref = getattr(self, part)
         if not isinstance(ref, str):
             return ref
@@ -78,3 +83,4 @@ for _name, _help, _config, _run, _report in _BUILT_IN:
     register(Task(_name, _help, command=f"tensorsam.commands.{_name}", config=f"tensorsam.tasks.{_config}",
                   run=f"tensorsam.tasks.{_run}", figures=f"tensorsam.tasks.{_report}:figures",
                   summary=f"tensorsam.tasks.{_report}:summary_lines"))
+register(dataclasses.replace(TASKS["vision"], report="tensorsam.tasks.vision.report:report_sections"))

@@ -28,7 +28,7 @@ def summary_lines(runs: list[dict]) -> list[str]:
             if not ok:
                 return "–"
             v = np.array([math.nan if r.get(key) is None else r[key] for r in ok], dtype=float)
-            return f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.4f}"
+            return f"{v.mean():.4f}" + (f" ± {v.std(ddof=1):.4f}" if len(v) > 1 else " (n=1)")
 
         wall = sum(r["wall_seconds"] for r in sel) / len(sel)
         note = f"  ({len(sel) - len(ok)} of {len(sel)} diverged)" if len(ok) < len(sel) else ""
