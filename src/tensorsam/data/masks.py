@@ -12,6 +12,7 @@ with the entries that exist in the data (``observed``).
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import numpy as np
 import torch
@@ -64,7 +65,10 @@ def make_masks(
     authors' code.  ``val_fraction`` (in [0, 1)) is the share *of those training entries*
     moved to validation.  ``observed`` (bool, same shape) removes missing entries from all three.
     """
-    shape = tuple(int(s) for s in shape)
+    try:  # operator.index: a float entry such as 3.7 is refused, never truncated
+        shape = tuple(operator.index(s) for s in shape)
+    except TypeError:
+        raise ValueError(f"shape must be a non-empty sequence of positive ints, got {shape!r}") from None
     if not shape or any(s <= 0 for s in shape):
         raise ValueError(f"shape must be a non-empty sequence of positive ints, got {shape!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):

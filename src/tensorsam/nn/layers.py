@@ -142,6 +142,7 @@ class _TensorizedLayer(nn.Module):
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        self._check_dtype(x)
         mode = self.forward_mode if self.forward_mode != "auto" else self.choose_mode(x)
         if mode == "factorized":
             return self.forward_factorized(x)
@@ -192,6 +193,17 @@ class _TensorizedLayer(nn.Module):
 
     def _check_input(self, x: torch.Tensor) -> None:
         raise NotImplementedError
+
+    def _check_dtype(self, x: torch.Tensor) -> None:
+        """Refuse an integer input, and (outside autocast, which mixes dtypes on purpose) one whose
+        dtype differs from the cores', before torch fails inside the contraction."""
+        want = self.weight_factors.cores[0].dtype
+        if not x.is_floating_point():
+            raise ValueError(f"input has dtype {x.dtype}; a tensorized layer takes floating-point input "
+                             f"(e.g. x.to({want}))")
+        if x.dtype != want and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"input has dtype {x.dtype} but the layer's cores are {want}; convert one "
+                             f"(x.to({want}) or layer.to({x.dtype}))")
 
     def extra_repr(self) -> str:
         return (f"{self.in_size}, {self.out_size}, format={self.format!r}, rank={self.rank}, "

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import shutil
 import stat
 import tempfile
@@ -152,7 +153,10 @@ def load_checkpoint(path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - unpickling/zip errors come in many types
-        raise ValueError(f"corrupt or unreadable checkpoint {path}: {type(err).__name__}: {err}") from None
+        # torch's own text advises weights_only=False, which is wrong for a corrupt file: say what it is
+        detail = ("not a torch file of tensors and plain data (corrupt, truncated, or holding other objects)"
+                  if isinstance(err, pickle.UnpicklingError) else str(err).strip().splitlines()[0])
+        raise ValueError(f"corrupt or unreadable checkpoint {path}: {type(err).__name__}: {detail}") from None
     if not isinstance(obj, dict):
         raise ValueError(  # noqa: TRY004 - a bad file is bad input, not a caller's type error
             f"corrupt checkpoint {path}: expected a dict, got {type(obj).__name__}"

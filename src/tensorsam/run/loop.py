@@ -238,7 +238,12 @@ class Loop:
                 f"checkpoint {where} is at iteration {ckpt['iteration']}, beyond this run's total {self.total}"
             )
         for name, obj in self.state.items():
-            obj.load_state_dict(ckpt["state"][name])
+            try:
+                obj.load_state_dict(ckpt["state"][name])
+            except (RuntimeError, KeyError, TypeError) as err:
+                lines = str(err).strip().splitlines()
+                raise ValueError(f"checkpoint {where} does not fit this run's {name}: "
+                                 f"{type(err).__name__}: {' '.join(x.strip() for x in lines[:3])}") from None
         self.extra = dict(ckpt.get("extra") or {})
         self._rng = ckpt["rng"]
         self.start = int(ckpt["iteration"])

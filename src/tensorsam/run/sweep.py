@@ -143,7 +143,14 @@ class Sweep:
         path = None if self.out_dir is None else self.out_dir / self.results_file
         if path is None or not path.is_file():
             return {}, 0
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"cannot resume into {self.out_dir}: {path} is not valid JSON ({err})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("runs", []), list) \
+                or not all(isinstance(r, dict) for r in data.get("runs", [])):
+            raise ValueError(f"cannot resume into {self.out_dir}: {path} is not a tensorsam results file "
+                             "(expected an object whose 'runs' is a list of objects)")
         if self.same is not None:
             old = data.get("config") or {}
             differ = sorted(k for k, v in self.same.items() if k in old and old[k] != v)

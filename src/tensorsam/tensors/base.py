@@ -123,6 +123,8 @@ def check_dense(tensor, ndim: int | None = None, name: str = "tensor") -> torch.
     if tensor.ndim == 0 or (ndim is not None and tensor.ndim != ndim):
         raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected "
                          + (f"{ndim} modes" if ndim is not None else "at least one mode"))
+    if not bool(torch.isfinite(tensor).all()):  # the SVDs would fail deep inside torch.linalg
+        raise ValueError(f"{name} holds non-finite values (NaN or inf); cannot decompose it")
     return tensor.detach()
 
 
@@ -150,6 +152,8 @@ class FactorizedTensor(nn.Module):
     format: str = "?"
 
     def _build(self, core_shapes: Sequence[Sequence[int]], dtype=None, device=None) -> None:
+        if dtype is not None and not (dtype.is_floating_point or dtype.is_complex):
+            raise ValueError(f"dtype must be a floating-point torch dtype (cores are trained), got {dtype}")
         self.cores = nn.ParameterList(
             nn.Parameter(torch.empty(tuple(s), dtype=dtype, device=device)) for s in core_shapes
         )

@@ -191,7 +191,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train: Data, *, epoc
         epoch, pos = divmod(step, steps_per_epoch)
         if epoch != order_epoch:
             perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-            order, order_epoch = perm[rank::world][:per_rank], epoch
+            # on the data's device once per epoch, so that indexing a batch never copies an index to the GPU
+            order, order_epoch = perm[rank::world][:per_rank].to(x.device), epoch
         idx = order[pos * batch_size:(pos + 1) * batch_size]
         xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
         if batch_transform is not None:
