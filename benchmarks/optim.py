@@ -23,7 +23,6 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from tensorsam import __version__
 from tensorsam.groups import scale_invariant_groups
 from tensorsam.models import resnet
 from tensorsam.optim import BAR, DAS, SAM, Rebalance
+from tensorsam.run.meta import git_commit
 
 BASE = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}
 TARGETS = {  # issue 3, CPU targets
@@ -178,15 +178,6 @@ def omp_env() -> str:
     avoids that)."""
     keys = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
     return ", ".join(f"{k}={os.environ.get(k, 'unset')}" for k in keys)
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
-                             cwd=Path(__file__).parent, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def run(args) -> dict:

@@ -30,7 +30,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -45,6 +44,7 @@ from tensorsam.models import resnet
 from tensorsam.nn import count_parameters
 from tensorsam.optim import build_optimizer
 from tensorsam.run.io import atomic_write_json
+from tensorsam.run.meta import git_commit
 from tensorsam.tasks.vision.config import NEEDS_GROUPS, VisionConfig
 from tensorsam.tasks.vision.experiment import optimizer_options
 from tensorsam.train.steps import train_step
@@ -148,15 +148,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
-                             cwd=Path(__file__).parent, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def model_label(depth: int, fmt: str, rank: int) -> str:

@@ -36,6 +36,11 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def git_commit(short: bool = True) -> str:
+    """This checkout's commit (abbreviated with ``short``), or ``"unknown"`` outside one."""
+    return _git("rev-parse", *(["--short"] if short else []), "HEAD") or "unknown"
+
+
 def _utc(stamp: float) -> str:
     return _dt.datetime.fromtimestamp(stamp, _dt.UTC).isoformat(timespec="seconds")
 
