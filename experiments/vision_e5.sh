@@ -3,14 +3,15 @@
 # continues where it stopped (finished cells are kept).  Stages:
 #   pilot  - one seed at 60 % noise: SAM's rho and DAS's alpha chosen on the *validation* split over
 #            named grids: rho in {0.2, 1, 4} x the paper's 0.05, alpha in {0.1, 1, 10} x the paper's 0.1;
-#   main   - 3 seeds x {sgd, sam, das, rebalance, sam-every-2, sam-every-5} at noise $NOISE
-#            with the chosen RHO and ALPHA.
+#   main   - {sgd, sam, das, rebalance, sam-every-2, sam-every-5} x SEEDS (default 1,2,3) at noise
+#            $NOISE with the chosen RHO and ALPHA, into $OUT/noise-$NOISE[-$TAG] (run seeds side by
+#            side in separate dirs with SEEDS=... TAG=...; `tensorsam report` pools the dirs).
 # Protocol: TR-ResNet-20 at rank 10; a seeded, stratified 2000-image training subset; 1000 validation
 # images from the training split (noisy, like the training labels); the fixed 2000-image test subset
 # at every evaluation (every 2 epochs) and the full 10k test set at the end; 30 epochs of SGD (momentum 0.9, wd 5e-4, lr 0.05,
 # cosine, batch 128) without augmentation, so that SGD memorises the wrong labels.
 set -euo pipefail
-stage=${1:?usage: experiments/vision_e5.sh pilot|main}
+stage=${1:?usage: experiments/vision_e5.sh pilot|pilot-rho|pilot-alpha|main}
 OUT=${OUT:-runs/e5}
 NOISE=${NOISE:-0.6}
 RHO=${RHO:-0.05}
@@ -18,16 +19,18 @@ ALPHA=${ALPHA:-0.1}
 common=(vision --data fashion-mnist --depth 20 --format tr --rank 10 --epochs 30 --train-subset 2000
         --set val_size=1000 --set eval_every=30 --set augment=false --set threads=${THREADS:-2} --resume)
 case "$stage" in
-  pilot)
+  pilot) "$0" pilot-rho && "$0" pilot-alpha ;;
+  pilot-rho)      # SAM's rho, and the SGD reference
     for rho in 0.01 0.05 0.2; do
       tensorsam "${common[@]}" --methods sam --seeds 1 --label-noise 0.6 --set rho=$rho --out "$OUT/pilot/rho-$rho"
     done
+    tensorsam "${common[@]}" --methods sgd --seeds 1 --label-noise 0.6 --out "$OUT/pilot/sgd" ;;
+  pilot-alpha)    # DAS's alpha (can run beside pilot-rho: other output dirs)
     for alpha in 0.01 0.1 1; do
       tensorsam "${common[@]}" --methods das --seeds 1 --label-noise 0.6 --set alpha=$alpha --out "$OUT/pilot/alpha-$alpha"
-    done
-    tensorsam "${common[@]}" --methods sgd --seeds 1 --label-noise 0.6 --out "$OUT/pilot/sgd" ;;
+    done ;;
   main)
-    tensorsam "${common[@]}" --methods sgd,sam,das,rebalance,sam-every-2,sam-every-5 --seeds 1,2,3 \
-      --label-noise "$NOISE" --set rho=$RHO --set alpha=$ALPHA --out "$OUT/noise-$NOISE" ;;
+    tensorsam "${common[@]}" --methods sgd,sam,das,rebalance,sam-every-2,sam-every-5 --seeds "${SEEDS:-1,2,3}" \
+      --label-noise "$NOISE" --set rho=$RHO --set alpha=$ALPHA --out "$OUT/noise-$NOISE${TAG:+-$TAG}" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
