@@ -4,9 +4,12 @@ A group is one ordered list of parameters composed multilinearly, so that scalin
 c_1..c_K with prod c_k = 1 leaves the model unchanged (the DAS paper, Problem (1)).  Discovery walks a model:
 
 - every :class:`~tensorsam.tensors.base.FactorizedTensor` (a bare format, or inside a
-  tensorized layer or tensor adapter) gives the group of its ``cores``, in order;
+  tensorized layer) gives the group of its ``cores``, in order;
 - every LoRA layer of a HuggingFace peft model gives one (lora_A, lora_B) pair per adapter
   (also the embedding variant ``lora_embedding_A``/``lora_embedding_B``);
+- every FLoRA / LoRETTA layer (``tensorsam.adapters``) gives one group per adapter: FLoRA's
+  (A, G, B); LoRETTA's TT cores of A and of B together (ΔW = s·B·A is multilinear in all of
+  them), in the order the input meets them: A's cores, then B's in reverse;
 - any module may declare its own groups by defining ``scale_invariant_groups()`` returning
   lists of ``(name, parameter)`` pairs; its submodules are then not searched.
 
@@ -28,7 +31,8 @@ from tensorsam.tensors.base import FactorizedTensor
 @dataclass(frozen=True)
 class Group:
     """One scale-invariant group: its parameters in order, their qualified names, the kind
-    (``'factorized'``, ``'lora'`` or ``'custom'``) and the owning module's name."""
+    (``'factorized'``, ``'lora'``, ``'flora'``, ``'loretta'`` or ``'custom'``) and the owning
+    module's name."""
 
     names: tuple[str, ...]
     params: tuple[nn.Parameter, ...]
@@ -48,6 +52,19 @@ def _lora_layer_type():
     except ImportError:
         return None
     return LoraLayer
+
+
+def _tensor_adapter_type():
+    """tensorsam's FLoRA/LoRETTA layer base if ``tensorsam.adapters`` is loaded (it imports peft)."""
+    layer = sys.modules.get("tensorsam.adapters.layer")
+    return getattr(layer, "TensorAdapterLayer", None)
+
+
+def _tensor_adapter_groups(name: str, module) -> list[Group]:
+    """One group per adapter of a FLoRA/LoRETTA layer, as the layer orders it."""
+    prefix = f"{name}." if name else ""
+    return [Group(tuple(prefix + n for n, _ in cores), tuple(p for _, p in cores), module.kind, name)
+            for _, cores in module.adapter_groups()]
 
 
 def _lora_pairs(name: str, module) -> list[Group]:
@@ -75,6 +92,7 @@ def named_scale_invariant_groups(model: nn.Module) -> list[Group]:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")  # noqa: TRY004
     lora_type = _lora_layer_type()
+    adapter_type = _tensor_adapter_type()
     found: list[Group] = []
     skip_prefixes: list[str] = []
     for name, module in model.named_modules():
@@ -100,6 +118,8 @@ def named_scale_invariant_groups(model: nn.Module) -> list[Group]:
                                tuple(module.cores), "factorized", name))
         elif lora_type is not None and isinstance(module, lora_type):
             found.extend(_lora_pairs(name, module))
+        elif adapter_type is not None and isinstance(module, adapter_type):
+            found.extend(_tensor_adapter_groups(name, module))
     seen: set[int] = set()
     out = []
     for g in found:
