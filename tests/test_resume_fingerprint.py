@@ -67,6 +67,9 @@ def test_a_finished_cell_kept_in_the_work_folder_is_refused_under_other_settings
 
     with pytest.raises(KeyboardInterrupt):
         sweep.run(lambda c: ({"score": 1.0}, None) if c["seed"] == 1 else cell(c))
+    with pytest.raises(ValueError, match=r"interrupted runs .* other settings \(lr: 0.1 -> 0.3\)"):
+        Sweep({"seed": [1, 2]}, tmp_path, resume=True, same={"lr": 0.3}).run(lambda c: ({"score": 2.0}, None))
+    (tmp_path / ".work" / "settings.json").unlink()       # the finished cell's own fingerprint still refuses
     with pytest.raises(ValueError, match=r"cell seed-1 .* other settings \(lr: 0.1 -> 0.3\)"):
         Sweep({"seed": [1, 2]}, tmp_path, resume=True, same={"lr": 0.3}).run(lambda c: ({"score": 2.0}, None))
 
@@ -112,3 +115,17 @@ def test_the_fingerprint_covers_result_fields_and_coordinates_but_not_the_checkp
     fp = sweep.fingerprint(sweep.cells[0])
     assert fp["threads"] == 2 and fp["lr"] == 0.05 and fp["method"] == "sgd" and fp["seed"] == 1
     assert "checkpoint_every" not in fp and "methods" not in fp
+
+
+def test_an_interrupted_grid_is_refused_under_other_settings_even_when_its_checkpoints_would_be_renamed(tmp_path):
+    from tensorsam.run.sweep import Sweep
+
+    def stop(c):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Sweep({"seed": [1]}, tmp_path, resume=True, same={"rank": [8, 6, 8]}).run(stop)
+    with pytest.raises(ValueError, match=r"interrupted runs .* other settings \(rank: \[8, 6, 8\] -> \[4, 4, 4\]\)"):
+        Sweep({"seed": [1]}, tmp_path, resume=True, same={"rank": [4, 4, 4]}).run(lambda c: ({}, None))
+    # without --resume the new grid starts afresh
+    assert Sweep({"seed": [1]}, tmp_path, same={"rank": [4, 4, 4]}).run(lambda c: ({"x": 1}, None)).ran == ["seed-1"]

@@ -35,10 +35,17 @@ from typing import Any
 
 import torch
 
-from tensorsam.run.io import atomic_torch_save, load_checkpoint, remove_stale_temporaries, to_jsonable
+from tensorsam.run.io import (
+    atomic_torch_save,
+    atomic_write_json,
+    load_checkpoint,
+    remove_stale_temporaries,
+    to_jsonable,
+)
 from tensorsam.run.loop import fingerprint_changes
 
 WORK = ".work"
+SETTINGS = "settings.json"   # in .work: the ``same`` settings of the interrupted grid
 
 
 @dataclasses.dataclass
@@ -129,6 +136,18 @@ class Sweep:
         """The path of one of ``cell``'s checkpoints, ``.work/<tag>_<suffix>.ckpt`` (None without out_dir)."""
         return None if self.work is None else self.work / f"{cell.tag}_{suffix}.ckpt"
 
+    def _check_work_settings(self) -> None:
+        """Refuse to resume an interrupted grid (its ``.work``) under other settings, even where no cell
+        checkpoint would be found (a changed rank renames a cell's checkpoints)."""
+        file = self.work / SETTINGS
+        if not (self.resume and self.same is not None and file.is_file()):
+            return
+        old = json.loads(file.read_text())
+        if old != self.same:
+            raise ValueError(f"cannot resume into {self.out_dir}: its interrupted runs (in {self.work}) were made "
+                             f"with other settings ({fingerprint_changes(old, self.same)}); use the same settings, "
+                             "or another output dir (or no --resume) to start afresh")
+
     def fingerprint(self, cell: Cell, **more) -> dict:
         """What ``cell``'s results depend on: ``same``, its coordinates and ``more`` (e.g. the rank
         of one of its candidate runs); see :class:`tensorsam.run.Loop`'s ``fingerprint``."""
@@ -180,7 +199,10 @@ class Sweep:
         if self.out_dir is not None and _writes():
             remove_stale_temporaries(self.out_dir)     # left by a process killed mid-write
         if self.work is not None:
+            self._check_work_settings()
             self.work.mkdir(parents=True, exist_ok=True)
+            if _writes() and self.same is not None:
+                atomic_write_json(self.work / SETTINGS, self.same)
         result = SweepResult([], {}, [], [], dropped)
         for i, cell in enumerate(self.cells):
             done = self._done_file(cell)
