@@ -84,3 +84,10 @@ for _name, _help, _config, _run, _report in _BUILT_IN:
                   run=f"tensorsam.tasks.{_run}", figures=f"tensorsam.tasks.{_report}:figures",
                   summary=f"tensorsam.tasks.{_report}:summary_lines"))
 register(dataclasses.replace(TASKS["vision"], report="tensorsam.tasks.vision.report:report_sections"))
+register(Task("compress", "compress a trained dense ResNet to a budget (TT-SVD), then fine-tune it: SGD, SAM, "
+              "DAS, cost-matched SAM (E6)", command="tensorsam.commands.compress",
+              config="tensorsam.tasks.compress.config:CompressConfig",
+              run="tensorsam.tasks.compress.experiment:run_compress",
+              figures="tensorsam.tasks.compress.report:figures",
+              summary="tensorsam.tasks.compress.report:summary_lines",
+              report="tensorsam.tasks.compress.report:report_sections"))
