@@ -60,7 +60,7 @@ from tensorsam.dynamics import NormTracker
 from tensorsam.groups import named_scale_invariant_groups
 from tensorsam.optim import SAM, build_optimizer
 from tensorsam.optim.factory import BASES, base_class
-from tensorsam.train.steps import _sam_passes
+from tensorsam.train.steps import sam_passes
 
 __all__ = ["GROUP_METHODS", "PAIR_METHODS", "NormTrackerCallback", "SAMTrainer", "SAMTrainerMixin",
            "UnsupportedMethod", "build_trainer_optimizer", "check_method", "total_training_steps"]
@@ -247,7 +247,7 @@ class SAMTrainerMixin:
             inputs = self._prepare_inputs(inputs)
             loss_model = _MicroBatchLoss(self, model, num_items_in_batch, self.sam_sync)
             # one micro-batch, sam_sync=False: the first pass's sync is loss_model.no_sync()'s choice
-            (loss,) = _sam_passes(loss_model, sam, _as_loss, [(inputs, None)], self.accelerator.scaler, None, False)
+            (loss,) = sam_passes(loss_model, sam, _as_loss, [(inputs, None)], self.accelerator.scaler, None, False)
         return loss
 
     def log(self, logs, *args, **kwargs):

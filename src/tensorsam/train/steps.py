@@ -50,10 +50,12 @@ def _backward(model, loss_fn, batch: Batch, n: int, scaler, autocast, sync: bool
     return loss.detach()
 
 
-def _sam_passes(model, optimizer: SAM, loss_fn, micro: Sequence[Batch], scaler, autocast,
-                sam_sync: bool) -> list[torch.Tensor]:
-    """Per micro-batch: ascent from its own gradient, then its gradient at w + e added to the step's;
-    returns the losses at w."""
+def sam_passes(model, optimizer: SAM, loss_fn, micro: Sequence[Batch], scaler, autocast,
+               sam_sync: bool) -> list[torch.Tensor]:
+    """SAM's two passes, per micro-batch: ascent from its own gradient, then its gradient at w + e added
+    to the step's (the gradients gathered so far are stashed and put back); returns the losses at w.
+    The base step is the caller's (``train_step`` here; the HF Trainer's ``optimizer.step()`` in
+    :mod:`tensorsam.integrations.hf`)."""
     n, losses = len(micro), []
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for i, batch in enumerate(micro):
@@ -81,7 +83,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Call
     n = len(micro)
     optimizer.zero_grad(set_to_none=True)
     if isinstance(optimizer, SAM) and optimizer.perturbs_this_step():
-        losses = _sam_passes(model, optimizer, loss_fn, micro, scaler, autocast, sam_sync)
+        losses = sam_passes(model, optimizer, loss_fn, micro, scaler, autocast, sam_sync)
     else:
         losses = [_backward(model, loss_fn, b, n, scaler, autocast, sync=i == n - 1) for i, b in enumerate(micro)]
     if clip_grad_norm is not None:
