@@ -88,21 +88,9 @@ class CompressConfig:
                 raise ValueError(f"{name} is empty")
 
     def _check_training(self) -> None:
-        from tensorsam.tasks.vision.config import VisionConfig
+        from tensorsam.tasks.vision.config import VisionConfig, check_training
 
         VisionConfig(methods=list(self.methods))    # the vision task's methods, refused with its message
         if not 0.0 <= self.label_noise < 1.0:
             raise ValueError(f"label noise must lie in [0, 1), got {self.label_noise!r}")
-        for name in ("epochs", "batch_size", "checkpoint_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("val_size", "train_subset", "test_subset", "eval_every", "threads"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("lr", "momentum", "weight_decay", "rho", "alpha"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name} must be a finite non-negative number, got {v!r}")
-        if self.device not in ("auto", "cpu") and not str(self.device).startswith("cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda[:i], got {self.device!r}")
+        check_training(self)

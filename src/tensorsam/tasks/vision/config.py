@@ -67,16 +67,22 @@ class VisionConfig:
         for r in self.ranks:
             if isinstance(r, bool) or not isinstance(r, int) or r < 1:
                 raise ValueError(f"rank must be a positive int, got {r!r}")
-        for name in ("epochs", "batch_size", "checkpoint_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("val_size", "train_subset", "test_subset", "eval_every", "threads"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("lr", "momentum", "weight_decay", "rho", "alpha"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name} must be a finite non-negative number, got {v!r}")
-        if self.device not in ("auto", "cpu") and not str(self.device).startswith("cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda[:i], got {self.device!r}")
+        check_training(self)
+
+
+def check_training(cfg) -> None:
+    """Refuse bad training settings of a config with the vision task's training fields (epochs,
+    batch size, sizes, optimizer numbers, device); shared with the compress task."""
+    for name in ("epochs", "batch_size", "checkpoint_every"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    for name in ("val_size", "train_subset", "test_subset", "eval_every", "threads"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)!r}")
+    for name in ("lr", "momentum", "weight_decay", "rho", "alpha"):
+        v = getattr(cfg, name)
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name} must be a finite non-negative number, got {v!r}")
+    if cfg.device not in ("auto", "cpu") and not str(cfg.device).startswith("cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda[:i], got {cfg.device!r}")
