@@ -1,0 +1,48 @@
+"""Copy the finished cells of running or finished grids into a folder of JSON records, one file per
+cell, so that they can be committed before the grid ends.
+
+    python experiments/export_cells.py runs/e5/noise-0.6-s1 ... --to docs/results/e5/noise-0.6/cells
+
+Finished cells come from a grid's ``.work/<tag>.pt`` (while it runs) or its ``results.json`` (once it
+has finished); the record is written as ``<tag>.json`` with the grid's config (from results.json, or
+``.work/settings.json`` while it runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tensorsam.run.io import atomic_write_json, load_checkpoint
+
+
+def finished_cells(grid: Path) -> dict[str, dict]:
+    """``{tag: record}`` of the finished cells of one grid directory."""
+    cells = {}
+    results = grid / "results.json"
+    if results.is_file():
+        data = json.loads(results.read_text())
+        for run in data["runs"]:
+            tag = f"{run['method']}_{run['format']}{run['rank']}_p{run['label_noise']:g}_seed{run['seed']}"
+            cells[tag] = {"config": data["config"], "run": run}
+    settings = grid / ".work" / "settings.json"
+    config = json.loads(settings.read_text()) if settings.is_file() else None
+    for done in sorted((grid / ".work").glob("*.pt")):
+        cells.setdefault(done.stem, {"config": config, "run": json.loads(load_checkpoint(done)["record"])})
+    return cells
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("grids", nargs="+", type=Path)
+    parser.add_argument("--to", required=True, type=Path)
+    args = parser.parse_args()
+    for grid in args.grids:
+        for tag, cell in finished_cells(grid).items():
+            atomic_write_json(args.to / f"{tag}.json", {"grid": str(grid), **cell})
+            print(f"{grid}: {tag}")
+
+
+if __name__ == "__main__":
+    main()
