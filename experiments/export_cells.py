@@ -37,11 +37,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("grids", nargs="+", type=Path)
     parser.add_argument("--to", required=True, type=Path)
+    parser.add_argument("--merge", type=Path, help="also write the cells' runs as one vision results file "
+                        "(for `tensorsam report`), marked partial in its notes")
     args = parser.parse_args()
+    runs, config = [], None
     for grid in args.grids:
         for tag, cell in finished_cells(grid).items():
             atomic_write_json(args.to / f"{tag}.json", {"grid": str(grid), **cell})
+            runs.append(cell["run"])
+            config = config or cell["config"]
             print(f"{grid}: {tag}")
+    if args.merge:
+        atomic_write_json(args.merge, {"task": "vision", "config": config, "runs": runs, "notes": [
+            f"Merged from the finished cells of {', '.join(map(str, args.grids))} by experiments/export_cells.py; "
+            "the grid may be partial: count the runs per cell (n) before reading a mean."]})
 
 
 if __name__ == "__main__":
