@@ -25,7 +25,7 @@ def test_every_task_has_its_parts_and_a_typed_config():
         assert list(params)[:2] == ["cfg", "out_dir"], name
         assert {"resume", "progress", "started"} <= set(params), name
         assert callable(task.get("figures")) and callable(task.get("summary")), name
-    with pytest.raises(ValueError, match=r"unknown task 'nope'; expected one of \['completion', 'compress', 'flatness'"):
+    with pytest.raises(ValueError, match=r"unknown task 'nope'; expected one of \['completion', 'compress', 'finetune', 'flatness'"):
         get_task("nope")
 
 

@@ -91,3 +91,9 @@ register(Task("compress", "compress a trained dense ResNet to a budget (TT-SVD),
               figures="tensorsam.tasks.compress.report:figures",
               summary="tensorsam.tasks.compress.report:summary_lines",
               report="tensorsam.tasks.compress.report:report_sections"))
+register(Task("finetune", "tensor adapters (LoRA, FLoRA, LoRETTA) on a pretrained language model: Adam, SAM, "
+              "DAS on the HF Trainer (E7)", command="tensorsam.commands.finetune",
+              config="tensorsam.tasks.finetune.config:FinetuneConfig",
+              run="tensorsam.tasks.finetune.experiment:run_finetune",
+              figures="tensorsam.tasks.finetune.experiment:figures",
+              summary="tensorsam.tasks.finetune.experiment:summary_lines"))
