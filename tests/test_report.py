@@ -9,12 +9,11 @@ from tensorsam.report import (
     load_results,
     make_report,
     metric_label,
-    readable_ticks,
     summarize,
-    tick_problems,
 )
 from tensorsam.run import write_results
 from tensorsam.tasks.registry import TASKS, Task
+from tensorsam.ticks import readable_ticks, tick_problems
 
 TRAIN = {"adam": [0.949, 0.951, 0.950], "sam": [0.948, 0.9485, 0.949], "hooi": [0.92, 0.93, 0.925]}
 

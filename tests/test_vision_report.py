@@ -8,9 +8,10 @@ import time
 import pytest
 
 from tensorsam.cli import main
-from tensorsam.report import make_report, tick_problems
+from tensorsam.report import make_report
 from tensorsam.run import write_results
 from tensorsam.tasks.vision import report as vr
+from tensorsam.ticks import tick_problems
 
 NOISES = (0.4, 0.8)
 BASE = {0.4: 0.80, 0.8: 0.50}                       # SGD's accuracy at each noise level

@@ -27,7 +27,7 @@ def figure_grid(rows: int, cols: int, size: tuple[float, float], **kwargs):
 
 def save_figure(fig, out_dir, name: str, dpi: int = 120) -> Path:
     """Save ``fig`` as ``out_dir/name`` (folders created, tick labels made readable) and return the path."""
-    from tensorsam.report import readable_ticks
     from tensorsam.run.io import atomic_save_figure
+    from tensorsam.ticks import readable_ticks
 
     return atomic_save_figure(readable_ticks(fig), Path(out_dir) / name, dpi=dpi)

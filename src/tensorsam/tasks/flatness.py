@@ -181,7 +181,6 @@ def summary_lines(runs: list[dict]) -> list[str]:
 
 def figures(results: dict, out_dir: Path) -> list[Path]:
     """Fig. 2 analogue: training loss and held-out R² along the direction(s), one line per method."""
-    from tensorsam.report import readable_ticks
 
     runs = [r for r in results["runs"] if "trace" in r]
     kinds = list(dict.fromkeys(r["direction"] for r in runs))
@@ -201,4 +200,4 @@ def figures(results: dict, out_dir: Path) -> list[Path]:
     axes[0, 0].set_ylabel("training loss (sum of squares)")
     axes[1, 0].set_ylabel("held-out R²")
     axes[0, 0].legend()
-    return [save_figure(readable_ticks(fig), out_dir, "fig2_flatness.png")]
+    return [save_figure(fig, out_dir, "fig2_flatness.png")]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from tensorsam.report import diverged_note, markdown_table, readable_ticks, skipped_note
+from tensorsam.report import diverged_note, markdown_table, skipped_note
 from tensorsam.tasks.vision.report import (
     _colors,
     _mean_curve,
@@ -217,7 +217,7 @@ def curves_figure(results: dict, fmt, target, out_dir, name: str) -> Path | None
         axes[1][j].set(xlabel="epoch", ylabel="mean Q per compressed layer (Eq. 5)", yscale="log")
     axes[0][0].legend(fontsize="small")
     axes[1][0].legend(fontsize="small")
-    return save_figure(readable_ticks(fig), out_dir, name)
+    return save_figure(fig, out_dir, name)
 
 
 def figures(results: dict, out_dir) -> list[Path]:

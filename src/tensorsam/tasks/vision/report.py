@@ -24,7 +24,6 @@ from tensorsam.report import (
     diverged_note,
     format_cell,
     markdown_table,
-    readable_ticks,
     skipped,
     skipped_note,
 )
@@ -313,7 +312,7 @@ def curves_figure(results: dict, fmt, rank, out_dir) -> Path | None:
     axes[0][0].legend(fontsize="small")
     tag = "dense" if fmt == "none" else f"{fmt}{rank}"
     name = "vision_curves.png" if len(settings_of(results)) == 1 else f"vision_curves_{tag}.png"
-    return save_figure(readable_ticks(fig), out_dir, name)
+    return save_figure(fig, out_dir, name)
 
 
 def _label_curves(axes, j, p, fmt, rank, has_q, test_subset) -> None:
@@ -371,7 +370,7 @@ def gain_figure(results: dict, out_dir) -> Path | None:
                                         color=colors[m], marker=MARKERS.get(f, "o"), label=f"{m}, {format_label(f)}")
             axes[i][j].axhline(0.0, color="grey", lw=0.6)
     _label_gain(fig, axes, noises, sorted(ratios))
-    return save_figure(readable_ticks(fig), out_dir, "vision_gain_vs_compression.png")
+    return save_figure(fig, out_dir, "vision_gain_vs_compression.png")
 
 
 def _label_gain(fig, axes, noises, ratios) -> None:
