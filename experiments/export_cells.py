@@ -49,8 +49,8 @@ def main() -> None:
             print(f"{grid}: {tag}")
     if args.merge:
         atomic_write_json(args.merge, {"task": "vision", "config": config, "runs": runs, "notes": [
-            f"Merged from the finished cells of {', '.join(map(str, args.grids))} by experiments/export_cells.py; "
-            "the grid may be partial: count the runs per cell (n) before reading a mean."]})
+            (f"Merged from the finished cells of {', '.join(map(str, args.grids))} by experiments/export_cells.py; "
+             "the grid may be partial: count the runs per cell (n) before reading a mean.")]})
 
 
 if __name__ == "__main__":

