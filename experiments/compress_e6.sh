@@ -5,7 +5,7 @@
 #              training split (15 epochs, augmentation, the vision defaults), into $OUT/dense;
 #   finetune - that model compressed with TT-SVD to $RATIO x fewer parameters (whole network, fc
 #              kept dense), with and without balanced cores, then fine-tuned with sgd, sam, das and
-#              sam-every-2 for 1 epoch on a 10k subset (seeded by the run's seed), SEEDS (default
+#              sam-every-2 for 1 epoch on a 10k subset (seeded by the run's seed; 1000 validation images), SEEDS (default
 #              1,2,3), into $OUT/ratio-$RATIO.  Run two ratios side by side in separate shells.
 set -euo pipefail
 stage=${1:?usage: experiments/compress_e6.sh dense|finetune}
@@ -18,6 +18,6 @@ case "$stage" in
   finetune)
     tensorsam compress --model "$OUT/dense/models/$(ls "$OUT/dense/models" | head -n 1)" --format tt \
       --ratio "$RATIO" --balance false,true --methods sgd,sam,das,sam-every-2 --seeds "${SEEDS:-1,2,3}" \
-      --epochs 1 --train-subset 10000 --set threads=${THREADS:-1} --out "$OUT/ratio-$RATIO" --resume ;;
+      --epochs 1 --train-subset 10000 --set val_size=1000 --set threads=${THREADS:-1} --out "$OUT/ratio-$RATIO" --resume ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

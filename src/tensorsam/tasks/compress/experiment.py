@@ -52,6 +52,7 @@ from tensorsam.tasks.vision.experiment import _Data, optimizer_options
 from tensorsam.train import accuracies, evaluate, fit, setup, wrap
 
 COMPRESSED = "compressed"   # the folder of the compressed models in the output dir
+DATA_CACHE = 3              # data sets (one per seed) kept on the device while the grid runs
 
 
 # ----------------------------------------------------------------------------- names
@@ -161,12 +162,17 @@ def q_total(model) -> float:
 
 
 def finetune_cell(cfg: CompressConfig, cell, start: Compressed, data: _Data, info, *, checkpoint=None,
-                  resume=False, progress=False, fingerprint=None, models_dir: Path | None = None) -> dict:
-    """Fine-tune a copy of ``start`` with the cell's method and seed; returns its run record."""
+                  resume=False, progress=False, fingerprint=None, models_dir: Path | None = None,
+                  acc_before: float | None = None) -> dict:
+    """Fine-tune a copy of ``start`` with the cell's method and seed; returns its run record.
+    ``acc_before``: ``start``'s test accuracy on this data, when already scored (it is the same for
+    every method of a seed)."""
     seed_everything(cell["seed"])
     net = copy.deepcopy(start.model).to(info.device)
+    if acc_before is None:
+        acc_before = evaluate(net, data.test)["acc"]
     base = {**cell.coords, "target_ratio": cell.coords.get("target_ratio"), "epochs": cfg.epochs, **start.fields(),
-            "acc_before_finetune": evaluate(net, data.test)["acc"]}
+            "acc_before_finetune": acc_before}
     opt = build_optimizer(cell["method"], net.parameters(), **optimizer_options(cfg, cell["method"], net))
     model = wrap(net, info)
     steps_per_epoch = max(1, len(data.train_y) // info.world_size // cfg.batch_size)
@@ -190,8 +196,11 @@ def finetune_cell(cfg: CompressConfig, cell, start: Compressed, data: _Data, inf
               "best_val_acc": res.best_val_acc, "best_step": res.best_step, "test_acc_at_best_val": None}
     final_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
     if res.best_state is not None:
-        net.load_state_dict(res.best_state)
-        record["test_acc_at_best_val"] = evaluate(model, data.test)["acc"]
+        if all(torch.equal(final_state[k], v.cpu()) for k, v in res.best_state.items()):
+            record["test_acc_at_best_val"] = record["final_test_acc"]     # best = last: scored already
+        else:
+            net.load_state_dict(res.best_state)
+            record["test_acc_at_best_val"] = evaluate(model, data.test)["acc"]
     if models_dir is not None and info.is_main:
         atomic_torch_save({"config": config_to_dict(cfg), "cell": dict(cell.coords),
                            "compressed": f"{COMPRESSED}/{start.tag}.pt", "final": final_state,
@@ -252,17 +261,23 @@ def run_compress(cfg: CompressConfig, out_dir=None, *, resume: bool = False, pro
     sweep = compress_sweep(cfg, out, resume=resume, sha256=source.record["sha256"])
     by_tag = {c.tag: c for c in starts}
 
+    before: dict = {}                         # (compressed model, seed) -> its test accuracy before fine-tuning
+
     def cell_fn(cell):
         seed = cell["seed"]
-        if seed not in cache:
-            cache.clear()                     # one data set on the device at a time
+        if seed not in cache:                 # the seed varies fastest in the grid: keep a few data sets
+            while len(cache) >= DATA_CACHE:
+                del cache[next(iter(cache))]
             data = _Data(cfg, cfg.label_noise, seed, info.device)
             cache[seed] = (data, evaluate(dense.to(info.device), data.test)["acc"])
         data, acc_dense = cache[seed]
-        record = finetune_cell(cfg, cell, by_tag[model_tag(cell.coords)], data, info,
+        start = by_tag[model_tag(cell.coords)]
+        record = finetune_cell(cfg, cell, start, data, info,
                                checkpoint=sweep.checkpoint(cell, "fit"), resume=resume,
                                progress=progress and info.is_main, models_dir=None if out is None else out / "models",
-                               fingerprint=sweep.fingerprint(cell, world_size=info.world_size))
+                               fingerprint=sweep.fingerprint(cell, world_size=info.world_size),
+                               acc_before=before.get((start.tag, seed)))
+        before[(start.tag, seed)] = record["acc_before_finetune"]
         return {**record, "acc_dense": acc_dense, "data": data.record}, None
 
     def write(result):
