@@ -10,6 +10,10 @@ Every public function takes either **one group** (a sequence of tensors, an obje
 ``torch._foreach_norm`` over every tensor involved and reduced with segment sums, so nothing
 here synchronises with the host; only :class:`NormTracker` syncs, once per recorded step, when
 it copies its numbers out.
+
+Sharded cores (DTensor, FSDP2) give the same numbers as one process: local squared norms are
+completed by one all-reduce (:class:`tensorsam.norms.Sharding`), which every rank must then call
+together (the tracker: one all-reduce per recorded step, for s and gamma together).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from torch import nn
 
 from tensorsam import formulas
 from tensorsam.formulas import sam_u, segment_sum
-from tensorsam.norms import norms, segments
+from tensorsam.norms import Sharding, norms, segments
 from tensorsam.run.io import atomic_save_figure, atomic_write_text
 
 __all__ = [
@@ -104,9 +108,12 @@ def _grads_like(groups, grads) -> list[list[torch.Tensor]]:
     return gg
 
 
-def _sq_norms(groups: list[list[torch.Tensor]]) -> torch.Tensor:
-    """Squared Frobenius norm of every tensor of every group, flattened in order (no syncs)."""
-    return norms([t.detach() for g in groups for t in g], squared=True)
+def _sq_norms(groups: list[list[torch.Tensor]], sharding: Sharding | None = None) -> torch.Tensor:
+    """Squared Frobenius norm of every tensor of every group, flattened in order (no syncs).  Of
+    DTensors (FSDP2) the global norms: local partial sums and one all-reduce (``sharding``, else
+    found here)."""
+    tensors = [t.detach() for g in groups for t in g]
+    return norms(tensors, squared=True, sharding=sharding or Sharding.of(tensors))
 
 
 def _segments(groups, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,6 +258,8 @@ class NormTracker:
         self._tb = self._open_tensorboard(tensorboard)
         index, sizes = _segments(self.groups, self.groups[0][0].device)
         self._index, self._sizes = index, sizes
+        flat = [t for g in self.groups for t in g]
+        self._sharding = Sharding.of(flat + flat)    # cores then gradients; None without DTensors
 
     def _open_tensorboard(self, tensorboard):
         if not tensorboard:
@@ -267,8 +276,9 @@ class NormTracker:
     def compute(self) -> dict[str, torch.Tensor]:
         """Per-group tensors Q, cov, s_mean, gamma_mean (length = number of groups) and u (0-d);
         no host sync."""
-        s = _sq_norms(self.groups)
-        gamma = _sq_norms(_grads_like(self.groups, None))
+        k = len(self._index)
+        both = _sq_norms([*self.groups, *_grads_like(self.groups, None)], self._sharding)  # one all-reduce
+        s, gamma = both[:k], both[k:]
         sizes = self._sizes.to(s.dtype)
         n = sizes.numel()
         return {

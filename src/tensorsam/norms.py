@@ -10,10 +10,20 @@
 
 Half and bfloat16 tensors are reduced in float32 (:func:`acc_dtype`).  Norms of tensors of
 several dtypes or devices are returned in the promoted dtype on the first tensor's device.
+
+**Sharded tensors (DTensor, e.g. FSDP2's parameters and gradients).**  With a :class:`Sharding`,
+:func:`norms` takes each DTensor's local tensor, computes every squared norm locally (a partial
+sum over this rank's shard for a sharded tensor, the whole value for a replicated or plain one),
+and completes the partial sums in **one** ``all_reduce`` of the stacked vector over the mesh's
+process group (one per distinct group when tensors are sharded over several).  A replicated or
+plain tensor's entry is left out of the sum, so it is not counted world-size times.  Which
+entries are summed is decided once, when the :class:`Sharding` is built; without a DTensor
+nothing of this runs (:meth:`Sharding.of` gives ``None``).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -32,11 +42,79 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype | None:
     return torch.float32 if dtype in LOW_PRECISION else None
 
 
-class StackedLayout:
-    """How :func:`norms` buckets lists laid out like ``like`` (same shapes, dtypes and devices per
-    position): small CPU tensors by (shape, dtype), the rest apart.  Built once, reused per step."""
+def dtensor_class() -> type | None:
+    """``DTensor`` if ``torch.distributed.tensor`` has been imported, else ``None`` (then no DTensor
+    can exist, and nothing is imported to find out)."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
+def local_tensors(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each DTensor's local tensor (the very tensor its storage lives in: in-place ops on it change
+    the DTensor); other tensors as they are."""
+    cls = dtensor_class()
+    if cls is None:
+        return list(tensors)
+    return [t._local_tensor if isinstance(t, cls) else t for t in tensors]
+
+
+class Sharding:
+    """Which squared norms of lists laid out like ``like`` are partial sums over shards, and the
+    process groups that complete them (see the module docstring).
+
+    A DTensor entry with a ``Shard`` placement on mesh dimension d is summed over that dimension's
+    process group; ``Replicate`` placements add nothing; a ``Partial`` placement (a pending sum of
+    whole tensors, whose norm is not a sum of local norms) is refused.  Build it with :meth:`of`,
+    once per list layout."""
 
     def __init__(self, like: Sequence[torch.Tensor]):
+        cls = dtensor_class()
+        n, masks = len(like), {}
+        for i, t in enumerate(like):
+            if cls is None or not isinstance(t, cls):
+                continue
+            for dim, placement in enumerate(t.placements):
+                if placement.is_partial():
+                    raise NotImplementedError(
+                        f"norms of a DTensor with a Partial placement ({t.placements}) are not sums of local "
+                        "norms; redistribute it to Shard or Replicate first")
+                if placement.is_shard():
+                    masks.setdefault(t.device_mesh.get_group(dim), [False] * n)[i] = True
+        device = local_tensors(like[:1])[0].device if n else None
+        # (group, mask): mask None when every entry is summed over that group
+        self.reductions = [(group, None if all(mask) else torch.tensor(mask, device=device))
+                           for group, mask in masks.items()]
+
+    @classmethod
+    def of(cls, like: Sequence[torch.Tensor]) -> Sharding | None:
+        """A :class:`Sharding` if ``like`` holds a DTensor, else ``None`` (the one-process path)."""
+        dt = dtensor_class()
+        if dt is None or not any(isinstance(t, dt) for t in like):
+            return None
+        return cls(like)
+
+    def reduce(self, sq: torch.Tensor) -> torch.Tensor:
+        """Complete local squared norms ``sq`` (1-D, one per entry): one ``all_reduce`` (sum) per
+        process group, over the sharded entries only.  No host sync."""
+        import torch.distributed as dist
+
+        for group, mask in self.reductions:
+            if mask is None:
+                sq = sq.contiguous()
+                dist.all_reduce(sq, group=group)
+            else:
+                part = torch.where(mask.to(sq.device), sq, torch.zeros((), dtype=sq.dtype, device=sq.device))
+                dist.all_reduce(part, group=group)
+                sq = torch.where(mask.to(sq.device), part, sq)
+        return sq
+
+
+class StackedLayout:
+    """How :func:`norms` buckets lists laid out like ``like`` (same shapes, dtypes and devices per
+    position): small CPU tensors by (shape, dtype), the rest apart.  Built once, reused per step.
+    Of a DTensor, the local tensor's shape counts (the layout is this rank's)."""
+
+    def __init__(self, like: Sequence[torch.Tensor]):
+        like = local_tensors(like)
         buckets: dict = {}
         self.rest = []
         for i, t in enumerate(like):
@@ -69,15 +147,20 @@ def _gather(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def norms(tensors: Sequence[torch.Tensor], foreach: bool = True, layout: StackedLayout | None = None,
-          squared: bool = False) -> torch.Tensor:
+          squared: bool = False, sharding: Sharding | None = None) -> torch.Tensor:
     """1-D tensor of the Frobenius norms of ``tensors`` (squared with ``squared=True``).
 
     ``foreach`` picks the multi-tensor path, ``layout`` (a :class:`StackedLayout` of lists laid
-    out like ``tensors``) the stacked one.  No host sync on any path.
+    out like ``tensors``) the stacked one.  ``sharding`` (a :class:`Sharding` of lists laid out
+    like ``tensors``) gives the global norms of DTensors: local squared norms, then one
+    all-reduce.  No host sync on any path.
     """
     tensors = list(tensors)
     if not tensors:
         raise ValueError("norms of an empty list of tensors")
+    if sharding is not None:
+        sq = sharding.reduce(norms(local_tensors(tensors), foreach, layout, squared=True))
+        return sq if squared else sq.sqrt()
     if layout is not None and foreach:
         parts = [torch.linalg.vector_norm(torch.stack([tensors[i] for i in b]).reshape(len(b), -1), dim=1,
                                           dtype=dt) for b, dt in zip(layout.buckets, layout.dtypes)]

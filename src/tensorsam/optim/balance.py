@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from tensorsam.norms import local_tensors
 from tensorsam.optim import functional as F
 from tensorsam.optim.plan import GroupPlan, resolve_groups
 from tensorsam.optim.wrapper import WrappedOptimizer, check_flag, resolve_foreach
@@ -52,7 +53,7 @@ def _rescale_state(optimizer: torch.optim.Optimizer, cores, c: torch.Tensor) -> 
         for key, power in powers.items():
             t = st.get(key)
             if isinstance(t, torch.Tensor) and t.shape == p.shape:
-                t.mul_(f if power == 1 else f * f)
+                local_tensors([t])[0].mul_(f if power == 1 else f * f)   # a DTensor's shard in place
 
 
 @torch.no_grad()
@@ -86,7 +87,8 @@ def _rebalance_plan(plan: GroupPlan, optimizer, foreach: bool) -> None:
         return
     seg, counts = plan.seg_counts(plan.cores[0].device)
     c = F.rebalance_(plan.cores, seg, counts, foreach, layout=plan.layout(plan.cores) if foreach else None,
-                     buffer=plan.factor_buffer(plan.cores[0]) if foreach else None)
+                     buffer=plan.factor_buffer(plan.cores[0]) if foreach else None,
+                     sharding=plan.sharding(plan.cores))
     if optimizer is not None:
         _rescale_state(optimizer, plan.cores, c)
 
@@ -94,8 +96,9 @@ def _rebalance_plan(plan: GroupPlan, optimizer, foreach: bool) -> None:
 class Rebalance(WrappedOptimizer):
     r"""Any base optimizer, plus exact rebalancing of every group after every ``every``-th step.
 
-    Rebalancing changes no function value; it only moves along the scale symmetry.  What it does
-    to the base optimizer's state:
+    Rebalancing changes no function value; it only moves along the scale symmetry.  Under FSDP2
+    (DTensor cores) the norms of all cores take one all-reduce per rebalancing, and the factors
+    scale the local shards (and their optimizer state).  What it does to the base optimizer's state:
 
     - ``rescale_state=False`` (default): momentum buffers and Adam moments are left as they
       are, i.e. in the coordinates of the previous scale.  A core scaled up by c then keeps a

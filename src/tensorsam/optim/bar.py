@@ -23,7 +23,8 @@ class BAR(WrappedOptimizer):
         w <- base_step(w, g)                           with the same gradients
 
     eta is each factor's current ``lr``; alpha_t is ``alpha`` (per param group) times
-    ``alpha_schedule`` (decreasing by default, as BAR advises).  No host sync.
+    ``alpha_schedule`` (decreasing by default, as BAR advises).  No host sync.  Under FSDP2
+    (DTensor factors) the norms of all pairs take one all-reduce per step.
 
     Args:
         pairs: a list of (x, y) parameter pairs, or a model whose scale-invariant groups are all
@@ -66,4 +67,5 @@ class BAR(WrappedOptimizer):
                                    acc_like(self._like, normed[0]))
         F.bar_scale_(cores, grads, eta_alpha, self.mode, self.foreach,
                      layout=plan.layout(normed) if self.foreach else None,
-                     buffer=plan.factor_buffer(eta_alpha) if self.foreach else None)
+                     buffer=plan.factor_buffer(eta_alpha) if self.foreach else None,
+                     sharding=plan.sharding(normed))

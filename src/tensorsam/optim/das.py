@@ -52,7 +52,12 @@ class DAS(WrappedOptimizer):
             between variants or normalizations.
         foreach, skip_nonfinite: see :class:`~tensorsam.optim.wrapper.WrappedOptimizer`.
         compile: run the scaling as one ``torch.compile``'d function when every grouped core has a
-            gradient and all share one device and dtype.
+            gradient and all share one device and dtype (not on sharded cores).
+
+    **FSDP2 (DTensor cores).**  s_k and gamma_k are partial sums over each rank's shard, completed
+    for every core of every group by one all-reduce per step; lambda_k is then applied to the local
+    shards, so every rank takes the step one process would take with the same global batch.
+    Cores sharded by FSDP2 and plain (replicated) cores may share a model and a group.
 
     Example::
 
@@ -110,9 +115,10 @@ class DAS(WrappedOptimizer):
         args = self.functional_args(plan)
         grads = [p.grad for p in plan.cores]
         tensors = plan.cores + grads
-        if self.compile and plan is self.plan and single_bucket(tensors):
+        sharding = plan.sharding(tensors)    # None on one process (decided once, in the plan)
+        if self.compile and sharding is None and plan is self.plan and single_bucket(tensors):
             F.compiled(F.das_scale_)(plan.cores, grads, *args[1:])
             return
         F.das_scale_(plan.cores, grads, *args[1:], foreach=self.foreach,
                      layout=plan.layout(tensors) if self.foreach else None,
-                     buffer=plan.factor_buffer(args.eta_alpha) if self.foreach else None)
+                     buffer=plan.factor_buffer(args.eta_alpha) if self.foreach else None, sharding=sharding)

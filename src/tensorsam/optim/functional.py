@@ -13,6 +13,14 @@ per-tensor ops, which is also what ``torch.compile`` traces) or the multi-tensor
 - :func:`bar_scale_`: nBAR / oBAR's scaling of (x, y) pairs (BAR, Algorithms 2 and 3);
 - :func:`rebalance_`: exact rebalancing of every group.
 
+**Sharded parameters (DTensor, FSDP2).**  Every function takes ``sharding``, a
+:class:`~tensorsam.norms.Sharding` of its norm list (``None`` on one process, where nothing else
+changes).  With it, the functions work on the local tensors (``DTensor._local_tensor``): squared
+norms are partial sums over each rank's shard, completed by ONE all-reduce of the stacked vector
+(:func:`~tensorsam.norms.norms`), and the factors (lambda_k, BAR's and rebalancing's scalings,
+SAM's e) are then applied to the local shards.  Every rank holds the same complete norms, so every
+rank applies the same factors: the result is that of one process on the unsharded tensors.
+
 **Fused steps.**  A caller that computes the gradients itself, e.g. in one compiled function, may
 run these functions in that same graph and then let the optimizer take only the base step:
 ``opt.functional_args()`` (:class:`~tensorsam.optim.DAS`, :class:`~tensorsam.optim.SAM`) gives
@@ -46,7 +54,7 @@ from tensorsam.formulas import (
     rebalance_factors,
     sam_perturbation_factor,
 )
-from tensorsam.norms import StackedLayout, norms
+from tensorsam.norms import Sharding, StackedLayout, local_tensors, norms
 
 __all__ = ["bar_scale_", "compiled", "das_scale_", "nan_unless", "rebalance_", "sam_perturb_", "sam_perturbation",
            "sam_restore_", "scale_"]
@@ -85,19 +93,25 @@ def _each(op: str, foreach: bool, xs: list, *args):
 
 # -- SAM / ASAM ---------------------------------------------------------------------------------
 def sam_perturbation(params: list[torch.Tensor], grads: list[torch.Tensor], rho: torch.Tensor,
-                     adaptive: Sequence[bool], foreach: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+                     adaptive: Sequence[bool], foreach: bool = False,
+                     sharding: Sharding | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Algorithm 1, step 2: e_i = rho_i g_i / ||g|| with the norm over all tensors; for an adaptive
     (ASAM) tensor e_i = rho_i w_i^2 g_i / || |w| g ||.  ``rho`` holds each tensor's rho (1-D).
 
-    Returns (e, whether the gradient was finite); a non-finite gradient gives e = 0.
+    Returns (e, whether the gradient was finite); a non-finite gradient gives e = 0.  With
+    ``sharding``, e is the local shard of e (||g|| global, from one all-reduce).
     """
+    if sharding is not None:
+        params, grads = local_tensors(params), local_tensors(grads)
     weighted = list(grads)
     ada = [i for i, a in enumerate(adaptive) if a]
     if ada:
         absw = _each("abs", foreach, [params[i] for i in ada])
         for i, t in zip(ada, _each("mul", foreach, [grads[i] for i in ada], absw)):
             weighted[i] = t
-    inv, finite = sam_perturbation_factor(torch.linalg.vector_norm(norms(weighted, foreach)))
+    inv, finite = sam_perturbation_factor(norms(weighted, foreach, squared=True, sharding=sharding).sum().sqrt()
+                                          if sharding is not None else
+                                          torch.linalg.vector_norm(norms(weighted, foreach)))
     e = _each("mul", foreach, list(grads), list((inv * rho).unbind()))
     if ada:
         w2 = _each("mul", foreach, [params[i] for i in ada], [params[i] for i in ada])
@@ -108,20 +122,26 @@ def sam_perturbation(params: list[torch.Tensor], grads: list[torch.Tensor], rho:
 
 
 def sam_perturb_(params: list[torch.Tensor], grads: list[torch.Tensor], saved: list[torch.Tensor],
-                 rho: torch.Tensor, adaptive: Sequence[bool], foreach: bool = False) -> torch.Tensor:
+                 rho: torch.Tensor, adaptive: Sequence[bool], foreach: bool = False,
+                 sharding: Sharding | None = None) -> torch.Tensor:
     """``saved`` <- w, then w <- w + e (:func:`sam_perturbation`); returns whether the gradient was
-    finite (a 0-dim bool tensor, for :func:`sam_restore_`)."""
-    e, finite = sam_perturbation(params, grads, rho, adaptive, foreach)
+    finite (a 0-dim bool tensor, for :func:`sam_restore_`).  With ``sharding``, on local shards."""
+    if sharding is not None:
+        params, grads, saved = local_tensors(params), local_tensors(grads), local_tensors(saved)
+    e, finite = sam_perturbation(params, grads, rho, adaptive, foreach, sharding)
     _each("copy_", foreach, list(saved), list(params))
     _each("add_", foreach, list(params), e)
     return finite
 
 
 def sam_restore_(params: list[torch.Tensor], saved: list[torch.Tensor], finite: torch.Tensor,
-                 grads: list[torch.Tensor], foreach: bool = False) -> None:
+                 grads: list[torch.Tensor], foreach: bool = False, sharding: Sharding | None = None) -> None:
     """w <- saved, exactly (a copy, not a subtraction).  If the first-pass gradient was not
     ``finite``, NaN is added to the first of ``grads`` on each device, so that a GradScaler or a
-    finite check skips the step: a SAM step is non-finite if either pass is."""
+    finite check skips the step: a SAM step is non-finite if either pass is.  With ``sharding``
+    (DTensors), on local shards; ``finite`` is then the same on every rank."""
+    if sharding is not None:
+        params, saved, grads = local_tensors(params), local_tensors(saved), local_tensors(grads)
     _each("copy_", foreach, list(params), list(saved))
     first_on_device: dict = {}
     for g in grads:
@@ -135,33 +155,37 @@ def sam_restore_(params: list[torch.Tensor], saved: list[torch.Tensor], finite: 
 def das_scale_(cores: list[torch.Tensor], grads: list[torch.Tensor], eta_alpha: torch.Tensor,
                seg: torch.Tensor, counts: torch.Tensor, normalization: str = "global",
                divisor: str = "squared", foreach: bool = False, layout: StackedLayout | None = None,
-               buffer=None) -> None:
+               buffer=None, sharding: Sharding | None = None) -> None:
     """Algorithm 2, lines 3-5: G_k <- (1 + lambda_k) G_k in place, lambda_k from
     :func:`~tensorsam.formulas.das_lambda` (Eq. 9) with s_k = ||G_k||^2, gamma_k = ||g_k||^2.
-    ``layout``/``buffer`` (multi-tensor path) are those of a :class:`~tensorsam.optim.plan.GroupPlan`."""
-    n = norms([*cores, *grads], foreach, layout)
+    ``layout``/``buffer``/``sharding`` (a :class:`~tensorsam.norms.Sharding` of ``cores + grads``)
+    are those of a :class:`~tensorsam.optim.plan.GroupPlan`: with DTensors, every s_k and gamma_k
+    of every group in one all-reduce."""
+    sq = norms([*cores, *grads], foreach, layout, squared=True, sharding=sharding)
     k = len(cores)
-    lam = das_lambda(n[:k].square(), n[k:].square(), seg, counts, eta_alpha, normalization, divisor)
-    scale_(cores, 1.0 + lam, foreach, buffer)
+    lam = das_lambda(sq[:k], sq[k:], seg, counts, eta_alpha, normalization, divisor)
+    scale_(cores if sharding is None else local_tensors(cores), 1.0 + lam, foreach, buffer)
 
 
 def bar_scale_(cores: list[torch.Tensor], grads: list[torch.Tensor], eta_alpha: torch.Tensor, mode: str,
-               foreach: bool = False, layout: StackedLayout | None = None, buffer=None) -> None:
+               foreach: bool = False, layout: StackedLayout | None = None, buffer=None,
+               sharding: Sharding | None = None) -> None:
     """BAR (Algorithms 2 and 3) on pairs laid out x_1, y_1, x_2, ...: x <- (1 + sigma eta alpha) x,
     y <- (1 - sigma eta alpha) y, sigma from the gradients' norms (``mode='n'``, nBAR) or the
-    factors' norms (``'o'``, oBAR)."""
-    n = norms(grads if mode == "n" else cores, foreach, layout)
+    factors' norms (``'o'``, oBAR).  ``sharding``: of the normed list (DTensors, one all-reduce)."""
+    n = norms(grads if mode == "n" else cores, foreach, layout, sharding=sharding)
     sigma = (nbar_sign if mode == "n" else obar_sign)(n[0::2], n[1::2])
-    scale_(cores, bar_factors(sigma, eta_alpha), foreach, buffer)
+    scale_(cores if sharding is None else local_tensors(cores), bar_factors(sigma, eta_alpha), foreach, buffer)
 
 
 def rebalance_(cores: list[torch.Tensor], seg: torch.Tensor, counts: torch.Tensor, foreach: bool = False,
-               layout: StackedLayout | None = None, buffer=None) -> torch.Tensor:
+               layout: StackedLayout | None = None, buffer=None, sharding: Sharding | None = None) -> torch.Tensor:
     """Rescale every core to its group's geometric-mean norm
-    (:func:`~tensorsam.formulas.rebalance_factors`); returns the factors c."""
-    n = norms(cores, foreach, layout)
+    (:func:`~tensorsam.formulas.rebalance_factors`); returns the factors c.  ``sharding``: of
+    ``cores`` (DTensors, one all-reduce)."""
+    n = norms(cores, foreach, layout, sharding=sharding)
     c = rebalance_factors(n, seg, counts.to(n.dtype))
-    scale_(cores, c, foreach, buffer)
+    scale_(cores if sharding is None else local_tensors(cores), c, foreach, buffer)
     return c
 
 

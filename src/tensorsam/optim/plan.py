@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from tensorsam.norms import StackedLayout, acc_dtype, segments
+from tensorsam.norms import Sharding, StackedLayout, acc_dtype, dtensor_class, segments
 
 
 def per_core_values(param_groups: list[dict], group_index: Sequence[int], value, like: torch.Tensor) -> torch.Tensor:
@@ -46,7 +46,11 @@ class GroupPlan:
     """Groups as flat ``cores`` with ``group_index[k]``, the param group of core k.
 
     ``seg``/``counts`` per device, the :class:`~tensorsam.norms.StackedLayout` of each list
-    layout and the per-core factor buffers are cached, so a step makes no host copy."""
+    layout and the per-core factor buffers are cached, so a step makes no host copy.
+
+    :attr:`sharded` says, once, whether a core is a DTensor (FSDP2); only then does
+    :meth:`sharding` build (and cache) the :class:`~tensorsam.norms.Sharding` that makes norms
+    global with one all-reduce."""
 
     def __init__(self, groups: list[list[nn.Parameter]], param_groups: list[dict] | None = None,
                  group_index: list[int] | None = None):
@@ -60,6 +64,9 @@ class GroupPlan:
         self._buffers: dict = {}
         self._subplans: dict = {}
         self._layouts: dict = {}
+        self._shardings: dict = {}
+        dt = dtensor_class()
+        self.sharded = dt is not None and any(isinstance(p, dt) for p in self.cores)
         if self.cores:
             self.seg_counts(self.cores[0].device)
 
@@ -76,6 +83,16 @@ class GroupPlan:
         if key not in self._layouts:
             self._layouts[key] = StackedLayout(tensors)
         return self._layouts[key]
+
+    def sharding(self, tensors: Sequence[torch.Tensor]) -> Sharding | None:
+        """``None`` unless :attr:`sharded`; else the cached :class:`~tensorsam.norms.Sharding` of lists
+        laid out like ``tensors`` (the cores, or the cores then their gradients)."""
+        if not self.sharded:
+            return None
+        key = len(tensors)
+        if key not in self._shardings:
+            self._shardings[key] = Sharding(tensors)
+        return self._shardings[key]
 
     def factor_buffer(self, like: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """A persistent per-core buffer, in ``like``'s accumulation dtype, and its 0-dim views (see

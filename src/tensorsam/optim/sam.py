@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tensorsam.norms import Sharding, dtensor_class
 from tensorsam.optim import functional as F
 from tensorsam.optim.plan import acc_like, per_core_values, single_bucket
 from tensorsam.optim.wrapper import WrappedOptimizer, check_flag, check_strength
@@ -56,6 +57,13 @@ class SAM(WrappedOptimizer):
         compile: run the ascent step as one ``torch.compile``'d function when every tensor shares
             one device and dtype (seconds of compilation once per process).
 
+    **FSDP2 (DTensor parameters).**  ||g|| is the global norm: local squared norms of each rank's
+    gradient shards, completed by one all-reduce; e and the restore are applied to the local shards.
+    FSDP2 reduce-scatters every backward pass, so the first-pass gradient is already the global
+    one and every rank perturbs with the same e (``sam_sync=True`` is the only mode there: the
+    per-replica variant, m-sharpness, needs each replica to hold its own w + e, which one sharded
+    copy of w cannot; see ``docs/scaling.md``).  Plain parameters may sit beside DTensor ones.
+
     A non-finite first-pass gradient gives e = 0, and :meth:`restore` adds NaN to the second
     gradient so that a GradScaler or ``skip_nonfinite`` skips the step.  ``first_step`` twice
     without ``second_step`` raises instead of overwriting the saved weights.
@@ -100,6 +108,9 @@ class SAM(WrappedOptimizer):
         self._perturbed: list[torch.Tensor] = []
         self._first_finite: torch.Tensor | None = None
         self._like: dict = {}
+        self._sharding_key: tuple | None = None     # the params whose Sharding is cached
+        self._sharding: Sharding | None = None
+        self._perturbed_sharding: Sharding | None = None
 
     def perturbs_this_step(self) -> bool:
         """Whether the coming step is a SAM step (always, unless ``every`` or ``prob`` says otherwise).
@@ -117,6 +128,16 @@ class SAM(WrappedOptimizer):
         rho = per_core_values(self.param_groups, index, lambda g: g["rho"], acc_like(self._like, params[0]))
         return rho, tuple(self.param_groups[i]["adaptive"] for i in index)
 
+    def sharding(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> Sharding | None:
+        """The :class:`~tensorsam.norms.Sharding` of the gradients ``grads`` of ``params`` (``None``
+        without DTensors), cached for the last list of parameters."""
+        if dtensor_class() is None:     # no DTensor can exist: the one-process path
+            return None
+        key = tuple(map(id, params))
+        if key != self._sharding_key:
+            self._sharding_key, self._sharding = key, Sharding.of(grads)
+        return self._sharding
+
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Save w and move to w + e with the current (accumulated) gradient (Algorithm 1, step 2)."""
@@ -132,11 +153,12 @@ class SAM(WrappedOptimizer):
             if saved[i] is None:
                 saved[i] = self._saved[p] = torch.empty_like(p)
         rho, adaptive = self.functional_args(ps)
-        if self.compile and single_bucket(ps + grads):
+        sharding = self.sharding(ps, grads)
+        if self.compile and sharding is None and single_bucket(ps + grads):
             self._first_finite = F.compiled(F.sam_perturb_)(ps, grads, saved, rho, adaptive, False)
         else:
-            self._first_finite = F.sam_perturb_(ps, grads, saved, rho, adaptive, self.foreach)
-        self._perturbed = ps
+            self._first_finite = F.sam_perturb_(ps, grads, saved, rho, adaptive, self.foreach, sharding)
+        self._perturbed, self._perturbed_sharding = ps, sharding
         self._phase = "perturbed"
         if zero_grad:
             self.zero_grad()
@@ -149,7 +171,7 @@ class SAM(WrappedOptimizer):
             return
         ps = self._perturbed
         F.sam_restore_(ps, [self._saved[p] for p in ps], self._first_finite,
-                       [p.grad for p in self._params_with_grad()], self.foreach)
+                       [p.grad for p in self._params_with_grad()], self.foreach, self._perturbed_sharding)
         self._phase = "restored"
 
     @torch.no_grad()

@@ -19,6 +19,8 @@ import math
 
 import torch
 
+from tensorsam.norms import Sharding, dtensor_class, local_tensors
+
 STEP, SKIPPED, BASE = "wrapper_step", "wrapper_skipped_steps", "base_optimizer"
 GROUP_KEYS = (STEP, SKIPPED, BASE)
 STRENGTHS = ("rho", "alpha")    # per-group hyperparameters checked by :func:`check_strength`
@@ -285,12 +287,32 @@ class WrappedOptimizer(torch.optim.Optimizer):
         grads = [p.grad for p in self._params_with_grad()]
         if not grads:
             return True
+        sharding = Sharding.of(grads) if dtensor_class() is not None else None
+        if sharding is not None:
+            return self._sharded_grads_finite(grads, sharding)
         if self.foreach:
             peaks = torch._foreach_norm(grads, ord=math.inf)
         else:
             peaks = [torch.linalg.vector_norm(t, ord=math.inf) for t in grads]
         dev = peaks[0].device
         return bool(torch.isfinite(torch.stack([t.to(dev) for t in peaks])).all().item())
+
+    @staticmethod
+    def _sharded_grads_finite(grads: list[torch.Tensor], sharding: Sharding) -> bool:
+        """:meth:`grads_finite` on DTensor gradients (FSDP2): each rank counts its non-finite local
+        tensors (an empty shard is finite), and one all-reduce of that count tells every rank
+        whether any rank saw one, so that all ranks skip the same steps."""
+        import torch.distributed as dist
+
+        local = [t for t in local_tensors(grads) if t.numel()]
+        dev = grads[0].device
+        bad = torch.zeros(1, device=dev)
+        if local:
+            peaks = [torch.linalg.vector_norm(t, ord=math.inf) for t in local]
+            bad += (~torch.isfinite(torch.stack([t.to(dev) for t in peaks]))).sum()
+        for group, _ in sharding.reductions:
+            dist.all_reduce(bad, group=group)
+        return bool((bad == 0).item())
 
     def _skip_this_step(self) -> bool:
         if self.skip_nonfinite and not self.grads_finite():
