@@ -1,15 +1,18 @@
-"""The ``forward_mode='auto'`` policy: the cheaper of two forward implementations per input.
+"""The ``forward_mode='auto'`` policy: the cheapest of a layer's forward implementations per input.
 
-A layer hands over callables (its cost estimates, its two forwards) and never its internals.
-When the FLOP and memory estimates are close (factorized between 1/:data:`AUTO_TIMING_MARGIN`
-and the layer's ``margin_above`` times the reconstructed one), both modes are timed once
-(forward and, when gradients are on, backward via ``torch.autograd.grad`` on detached inputs,
-so ``.grad`` and the graph are untouched); timings within :data:`AUTO_TIE` of each other keep
-the estimate's choice.  The choice is cached per layer signature (format, core shapes, conv
-settings), input shape, dtype, device and grad mode, so identical layers are timed once (on
-every DDP rank alike: both modes use the same parameters, so ranks may even differ in their
-choice).  Under ``torch.compile``/``torch.jit`` tracing, or with the environment variable
-``TENSORSAM_AUTO_TIMING=0``, the estimate alone decides and nothing is cached.
+A layer hands over callables (its cost estimates, its forwards) and never its internals.  Every
+layer has ``'factorized'`` and ``'reconstructed'``; CP and Tucker convolutions also ``'chain'``.
+The modes whose FLOP and memory estimates are close to the cheapest one are the contenders
+(:func:`contenders`: ``'reconstructed'`` within :data:`AUTO_TIMING_MARGIN` times the cheapest
+estimate, every other mode within the layer's ``margin_above`` times it); when there are two or
+more, they are timed once (forward and, when gradients are on, backward via
+``torch.autograd.grad`` on detached inputs, so ``.grad`` and the graph are untouched), and a
+timing within :data:`AUTO_TIE` of the fastest keeps the estimate's choice.  The choice is
+cached per layer signature (format, core shapes, conv settings), input shape, dtype, device
+and grad mode, so identical layers are timed once (on every DDP rank alike: all modes use the
+same parameters, so ranks may even differ in their choice).  Under ``torch.compile``/``torch.jit``
+tracing, or with the environment variable ``TENSORSAM_AUTO_TIMING=0``, the estimate alone decides
+and nothing is cached.
 
 Each layer also keeps its own choices (:class:`AutoChoices`) in its checkpointed state, so a
 resumed process replays them without estimating or timing again.
@@ -24,7 +27,8 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
-MODES = ("factorized", "reconstructed")
+MODES = ("factorized", "reconstructed", "chain")
+REFERENCE_MODE = "reconstructed"  # the dense op: its estimate is the most reliable
 # the choice of forward_mode='auto', keyed by layer signature and input (see choose)
 _MODE_CACHE: dict[tuple, str] = {}
 AUTO_TIMING_ENV = "TENSORSAM_AUTO_TIMING"
@@ -43,21 +47,31 @@ def timing_allowed() -> bool:
     return not (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling())
 
 
+def contenders(est: Mapping[str, float], margin_above: float) -> tuple[str, ...]:
+    """The modes of ``est`` worth timing: :data:`REFERENCE_MODE` within :data:`AUTO_TIMING_MARGIN`
+    times the cheapest estimate, any other mode within ``margin_above`` times it.  With two modes
+    this times factorized when it lies between 1/:data:`AUTO_TIMING_MARGIN` and ``margin_above``
+    times reconstructed."""
+    best = min(est.values())
+    return tuple(m for m, c in est.items()
+                 if c <= (AUTO_TIMING_MARGIN if m == REFERENCE_MODE else margin_above) * best)
+
+
 def choose(key: tuple, estimate: Callable[[], Mapping[str, float]], time_modes: Callable[[], Mapping[str, float]],
            margin_above: float) -> str:
-    """The mode for ``key`` (cached): the lower of ``estimate()``, or of ``time_modes()`` when the
-    estimates are within the margins and the timings are not a tie."""
+    """The mode for ``key`` (cached): the lowest of ``estimate()``, or the fastest of
+    ``time_modes()`` (which times the :func:`contenders`) when there are two or more contenders
+    and the estimate's choice is not within :data:`AUTO_TIE` of the fastest."""
     mode = _MODE_CACHE.get(key)
     if mode is not None:
         return mode
     est = estimate()
     mode = min(est, key=est.get)
     timing = timing_allowed()
-    ratio = est["factorized"] / est["reconstructed"]
-    if timing and 1.0 / AUTO_TIMING_MARGIN <= ratio <= margin_above:
+    if timing and len(contenders(est, margin_above)) > 1:
         times = time_modes()
-        fast, slow = sorted(times, key=times.get)
-        if times[slow] > AUTO_TIE * times[fast]:  # a tie keeps the estimate's choice
+        fast = min(times, key=times.get)
+        if mode not in times or times[mode] > AUTO_TIE * times[fast]:  # a tie keeps the estimate's choice
             mode = fast
     if timing:  # under compile/tracing the cache is left alone
         _MODE_CACHE[key] = mode
@@ -68,8 +82,8 @@ def time_modes(fns: Mapping[str, Callable[[torch.Tensor], torch.Tensor]], x: tor
                params: Iterable[torch.Tensor], grad: bool, repeats: int = AUTO_TIMING_REPEATS) -> dict[str, float]:
     """Fastest of ``repeats`` interleaved runs of each of ``fns`` on ``x`` (forward, plus the
     gradients of ``params`` and ``x`` when ``grad``), in seconds, after one untimed warm-up
-    run each; when one mode's first timed run already takes over :data:`AUTO_CLEAR_WIN` times
-    the other's, those are returned.
+    run each; when one mode's first timed run is already over :data:`AUTO_CLEAR_WIN` times
+    faster than every other's, those are returned.
 
     The warm-up is not timed because first calls pay one-time costs (allocator growth,
     library set-up) that once made a 25x faster factorized linear lose on a cold process.
@@ -94,7 +108,7 @@ def time_modes(fns: Mapping[str, Callable[[torch.Tensor], torch.Tensor]], x: tor
         once(fn)  # warm-up
     times = {m: [once(fn)] for m, fn in fns.items()}
     first = sorted(t[0] for t in times.values())
-    if first[1] > AUTO_CLEAR_WIN * first[0]:  # a clear win needs no repeats
+    if len(first) < 2 or first[1] > AUTO_CLEAR_WIN * first[0]:  # a clear win needs no repeats
         return {m: t[0] for m, t in times.items()}
     for _ in range(repeats - 1):
         for m, fn in fns.items():
@@ -131,11 +145,11 @@ class AutoChoices:
         entries = [[list(shape), dtype, device, grad, mode] for (shape, dtype, device, grad), mode in self.modes.items()]
         return torch.tensor(list(json.dumps(entries, separators=(",", ":")).encode()), dtype=torch.uint8)
 
-    def load(self, state: torch.Tensor) -> None:
-        """Replace the record by a :meth:`state`; an unknown mode is a ValueError."""
+    def load(self, state: torch.Tensor, allowed: tuple[str, ...] = MODES) -> None:
+        """Replace the record by a :meth:`state`; a mode not in ``allowed`` is a ValueError."""
         modes = {}
         for shape, dtype, device, grad, mode in json.loads(bytes(state.cpu().to(torch.uint8).tolist()) or b"[]"):
-            if mode not in MODES:
-                raise ValueError(f"saved auto choice must be one of {MODES}, got {mode!r}")
+            if mode not in allowed:
+                raise ValueError(f"saved auto choice must be one of {allowed}, got {mode!r}")
             modes[(tuple(int(s) for s in shape), str(dtype), str(device), bool(grad))] = mode
         self.modes = modes

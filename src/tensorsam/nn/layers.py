@@ -13,10 +13,14 @@ Forward modes (``forward_mode``):
   expression (convolutions contract the im2col patches of ``F.unfold``);
 * ``'reconstructed'``: build the weight with one einsum whose output labels are already in
   ``F.linear``/``F.conv2d`` order, then call the dense op;
-* ``'auto'`` (the default): the cheaper of the two for each input shape, by the policy of
-  :mod:`.auto` (an estimate, timed once when close; convolutions trust a factorized estimate
-  above :data:`CONV_TIMING_MARGIN` at once).  Each layer's choices are part of its
-  ``state_dict`` (extra state), so a resumed process replays them without timing.
+* ``'chain'`` (CP and Tucker convolutions only): a chain of standard convolutions, 1x1 ->
+  depthwise (CP) or core (Tucker) k_h x k_w -> 1x1, each weight built from its cores
+  (:mod:`.chain`);
+* ``'auto'`` (the default): the cheapest of the layer's modes for each input shape, by the policy
+  of :mod:`.auto` (an estimate, timed once when close; convolutions do not time a factorized or
+  chain conv estimated above :data:`CONV_TIMING_MARGIN` times the cheapest mode).  Each layer's
+  choices are part of its ``state_dict`` (extra state), so a resumed process replays them
+  without timing.
 """
 
 from __future__ import annotations
@@ -29,15 +33,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..tensors import FactorizedTensor
-from . import auto
+from . import auto, chain
 from .contraction import Contraction, compile_contraction
 from .init import kaiming_variance
 from .layout import Layout
 
-FORWARD_MODES = ("auto", *auto.MODES)
-# a factorized conv estimated this many times dearer than the dense conv is never timed: its
+FORWARD_MODES = ("auto", "factorized", "reconstructed")  # every layer's
+CHAIN_MODE = "chain"  # CP and Tucker convolutions' too (:attr:`TensorizedConv2d.modes`)
+# a factorized conv estimated this many times dearer than the cheapest mode is never timed: its
 # estimate is a lower bound (below), and 3x3 convs measured 1.5-40x slower factorized whenever
-# their estimate was over 2x (2-core CPU, ResNet-20/32 and benchmark shapes, every format)
+# their estimate was over 2x (2-core CPU, ResNet-20/32 and benchmark shapes, every format).  The
+# chain's estimate is optimistic too (its depthwise conv is memory-bound: a CP 16->16 chain on
+# 32x32 inputs estimated at 0.3x the dense conv measured 1.3x), so the same margin applies to it
 CONV_TIMING_MARGIN = 2.0
 # cost units per im2col element of the factorized conv: F.unfold forward plus its col2im
 # backward are memory-bound scatters, measured at a few hundred multiply-adds per element on CPU
@@ -49,8 +56,9 @@ _EXTRA_STATE_KEY = "_extra_state"  # torch's key for get_extra_state()
 
 
 def check_forward_mode(mode: str) -> str:
-    if mode not in FORWARD_MODES:
-        raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {mode!r}")
+    if mode not in FORWARD_MODES and mode != CHAIN_MODE:
+        raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {mode!r} (CP and Tucker "
+                         f"convolutions also take {CHAIN_MODE!r})")
     return mode
 
 
@@ -65,9 +73,10 @@ class _TensorizedLayer(nn.Module):
 
     def _init_factors(self, format: str, rank, shape, bias: bool, forward_mode: str, dtype, device,
                       factors: FactorizedTensor | None):
-        self.forward_mode = forward_mode  # validated by the property
+        check_forward_mode(forward_mode)
         self.layout = Layout.of(format, self.in_size, self.out_size, self.kernel_numel, shape)
         self.format = self.layout.format
+        self.forward_mode = forward_mode  # validated by the property, for this format too
         self._auto = auto.AutoChoices()
         fresh = factors is None
         self._set_factors(self.layout.build(rank, dtype=dtype, device=device) if fresh else factors)
@@ -77,12 +86,24 @@ class _TensorizedLayer(nn.Module):
 
     @property
     def forward_mode(self) -> str:
-        """``'auto'``, ``'factorized'`` or ``'reconstructed'``; may be changed after construction."""
+        """``'auto'``, ``'factorized'``, ``'reconstructed'`` or (CP and Tucker convolutions)
+        ``'chain'``; may be changed after construction."""
         return self._forward_mode
 
     @forward_mode.setter
     def forward_mode(self, mode: str) -> None:
-        self._forward_mode = check_forward_mode(mode)
+        check_forward_mode(mode)
+        if mode == CHAIN_MODE and not self.has_chain:
+            raise ValueError(f"forward_mode={CHAIN_MODE!r} runs CP and Tucker convolutions only, not a "
+                             f"{self.format} {type(self).__name__}")
+        self._forward_mode = mode
+
+    has_chain = False  # whether forward_mode='chain' exists for this layer (TensorizedConv2d)
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The modes ``auto`` chooses among."""
+        return ("factorized", "reconstructed")
 
     # -- the factorized weight -------------------------------------------------------------
     in_modes = property(lambda self: self.layout.in_modes)
@@ -146,6 +167,8 @@ class _TensorizedLayer(nn.Module):
         mode = self.forward_mode if self.forward_mode != "auto" else self.choose_mode(x)
         if mode == "factorized":
             return self.forward_factorized(x)
+        if mode == CHAIN_MODE:
+            return self.forward_chain(x)
         return self.forward_reconstructed(x)
 
     def _input_contraction(self, x: torch.Tensor) -> Contraction:
@@ -155,7 +178,7 @@ class _TensorizedLayer(nn.Module):
         raise NotImplementedError
 
     def estimated_costs(self, x: torch.Tensor) -> dict[str, float]:
-        """FLOP + weighted memory estimates of both modes for an input like ``x``."""
+        """FLOP + weighted memory estimates of the :attr:`modes` for an input like ``x``."""
         w = self._weight_contraction()
         return {"factorized": self._input_contraction(x).cost, "reconstructed": w.cost + self._dense_cost(x)}
 
@@ -166,15 +189,19 @@ class _TensorizedLayer(nn.Module):
                                  lambda: self.time_modes(x, grad), self.timing_margin_above)
 
     def _signature(self) -> tuple:
-        """What determines the cost of both modes, besides the input: layers that agree on it
+        """What determines the cost of the modes, besides the input: layers that agree on it
         (e.g. the repeated blocks of a ResNet) share one cached choice."""
         conv = tuple(getattr(self, a, None) for a in ("kernel_size", "stride", "padding", "dilation"))
         return (type(self).__name__, self.format, tuple(self.weight_factors.core_shapes()), self.tensor_shape,
                 self.bias is not None, conv)
 
-    def time_modes(self, x: torch.Tensor, grad: bool, repeats: int = auto.AUTO_TIMING_REPEATS) -> dict[str, float]:
-        """Both modes timed on ``x`` by :func:`.auto.time_modes` (gradients of the parameters)."""
-        fns = {"factorized": self.forward_factorized, "reconstructed": self.forward_reconstructed}
+    def time_modes(self, x: torch.Tensor, grad: bool, repeats: int = auto.AUTO_TIMING_REPEATS,
+                   modes: Sequence[str] | None = None) -> dict[str, float]:
+        """``modes`` timed on ``x`` by :func:`.auto.time_modes` (gradients of the parameters); by
+        default those that ``auto`` times, :func:`.auto.contenders` of :meth:`estimated_costs`."""
+        if modes is None:
+            modes = auto.contenders(self.estimated_costs(x), self.timing_margin_above)
+        fns = {m: getattr(self, f"forward_{m}") for m in modes}
         return auto.time_modes(fns, x, self.parameters(), grad, repeats)
 
     # -- checkpointed state: auto's choices -------------------------------------------------
@@ -183,8 +210,9 @@ class _TensorizedLayer(nn.Module):
         return self._auto.state()
 
     def set_extra_state(self, state: torch.Tensor) -> None:
-        """Replay saved choices: ``auto`` takes them for those inputs without estimating or timing."""
-        self._auto.load(state)
+        """Replay saved choices: ``auto`` takes them for those inputs without estimating or timing.
+        A mode this layer does not have (:attr:`modes`) is a ValueError."""
+        self._auto.load(state, self.modes)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a state dict written before auto's choices were saved has no extra state: keep ours
@@ -338,6 +366,27 @@ class TensorizedConv2d(_TensorizedLayer):
     out_channels = property(lambda self: self.out_size)
 
     @property
+    def has_chain(self) -> bool:
+        """CP and Tucker convolutions run as a chain of standard convolutions (:mod:`.chain`)."""
+        return chain.supports(self.format)
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The modes ``auto`` chooses among: ``'chain'`` too where the chain has two or more stages
+        (a Tucker chain of one stage is the reconstructed conv)."""
+        more = (CHAIN_MODE,) if self.has_chain and len(self._conv_chain().stages) > 1 else ()
+        return ("factorized", "reconstructed", *more)
+
+    def _conv_chain(self) -> chain.ConvChain:
+        c = self._contractions.get(CHAIN_MODE)
+        if c is None:
+            c = chain.plan(self.weight_factors, self._in_labels, self._k_labels, self._out_labels, self.kernel_size)
+            if c is None:
+                raise ValueError(f"a {self.format} convolution has no chain")
+            self._contractions[CHAIN_MODE] = c
+        return c
+
+    @property
     def dense_weight_shape(self) -> tuple[int, ...]:
         return (self.out_size, self.in_size, *self.kernel_size)
 
@@ -369,11 +418,16 @@ class TensorizedConv2d(_TensorizedLayer):
     def estimated_costs(self, x):
         """The factorized conv pays for the im2col buffer (``F.unfold`` and its col2im backward)
         and runs its contraction on it at :data:`IM2COL_GEMM_PENALTY` times the dense conv's cost
-        per FLOP; both are lower bounds, so a large ratio is trusted (``timing_margin_above``)."""
+        per FLOP; both are lower bounds, so a large ratio is trusted (``timing_margin_above``).
+        The chain (CP, Tucker) costs its convolutions' FLOPs and intermediate activations
+        (:meth:`.chain.ConvChain.cost`)."""
         ho, wo = self._out_hw(x)
         cols = x.shape[0] * self.in_size * self.kernel_numel * ho * wo
-        return {"factorized": IM2COL_GEMM_PENALTY * self._input_contraction(x).cost + UNFOLD_WEIGHT * cols,
-                "reconstructed": self._weight_contraction().cost + self._dense_cost(x)}
+        est = {"factorized": IM2COL_GEMM_PENALTY * self._input_contraction(x).cost + UNFOLD_WEIGHT * cols,
+               "reconstructed": self._weight_contraction().cost + self._dense_cost(x)}
+        if CHAIN_MODE in self.modes:
+            est[CHAIN_MODE] = self._conv_chain().cost(x.shape, (ho, wo))
+        return est
 
     def forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
         ho, wo = self._out_hw(x)
@@ -384,6 +438,10 @@ class TensorizedConv2d(_TensorizedLayer):
 
     def forward_reconstructed(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.dense_weight(), self.bias, self.stride, self.padding, self.dilation)
+
+    def forward_chain(self, x: torch.Tensor) -> torch.Tensor:
+        """CP: 1x1 -> depthwise -> 1x1; Tucker: 1x1 -> core conv -> 1x1 (:mod:`.chain`)."""
+        return self._conv_chain()(x, self.weight_factors.cores, self.bias, self.stride, self.padding, self.dilation)
 
     @classmethod
     def from_dense(cls, layer: nn.Conv2d, format: str, rank, shape=None, forward_mode: str = "auto",
