@@ -2,6 +2,7 @@
 cell, so that they can be committed before the grid ends.
 
     python experiments/export_cells.py runs/e5/noise-0.6-s1 ... --to docs/results/e5/noise-0.6/cells
+    python experiments/export_cells.py runs/e6/ratio-2.5 --to docs/results/e6/cells --merge docs/results/e6/results.json
 
 Finished cells come from a grid's ``.work/<tag>.pt`` (while it runs) or its ``results.json`` (once it
 has finished); the record is written as ``<tag>.json`` with the grid's config (from results.json, or
@@ -17,6 +18,16 @@ from pathlib import Path
 from tensorsam.run.io import atomic_write_json, load_checkpoint
 
 
+def _tag(run: dict, task: str) -> str:
+    """The cell's tag as the task's Sweep names it."""
+    if task == "compress":
+        target = f"x{run['target_ratio']:g}" if run.get("target_ratio") is not None else f"r{run['rank']}"
+        return f"{run['method']}_{run['format']}{target}{'_bal' if run.get('balance') else ''}_seed{run['seed']}"
+    if task == "finetune":
+        return f"{run['adapter']}_{run['method']}_seed{run['seed']}"
+    return f"{run['method']}_{run['format']}{run['rank']}_p{run['label_noise']:g}_seed{run['seed']}"
+
+
 def finished_cells(grid: Path) -> dict[str, dict]:
     """``{tag: record}`` of the finished cells of one grid directory."""
     cells = {}
@@ -24,8 +35,7 @@ def finished_cells(grid: Path) -> dict[str, dict]:
     if results.is_file():
         data = json.loads(results.read_text())
         for run in data["runs"]:
-            tag = f"{run['method']}_{run['format']}{run['rank']}_p{run['label_noise']:g}_seed{run['seed']}"
-            cells[tag] = {"config": data["config"], "run": run}
+            cells[_tag(run, data.get("task", "vision"))] = {"config": data["config"], "run": run}
     settings = grid / ".work" / "settings.json"
     config = json.loads(settings.read_text()) if settings.is_file() else None
     for done in sorted((grid / ".work").glob("*.pt")):
@@ -37,8 +47,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("grids", nargs="+", type=Path)
     parser.add_argument("--to", required=True, type=Path)
-    parser.add_argument("--merge", type=Path, help="also write the cells' runs as one vision results file "
+    parser.add_argument("--merge", type=Path, help="also write the cells' runs as one results file of --task "
                         "(for `tensorsam report`), marked partial in its notes")
+    parser.add_argument("--task", default="vision", help="the grids' task: vision (default), compress or finetune")
     args = parser.parse_args()
     runs, config = [], None
     for grid in args.grids:
@@ -48,7 +59,7 @@ def main() -> None:
             config = config or cell["config"]
             print(f"{grid}: {tag}")
     if args.merge:
-        atomic_write_json(args.merge, {"task": "vision", "config": config, "runs": runs, "notes": [
+        atomic_write_json(args.merge, {"task": args.task, "config": config, "runs": runs, "notes": [
             (f"Merged from the finished cells of {', '.join(map(str, args.grids))} by experiments/export_cells.py; "
              "the grid may be partial: count the runs per cell (n) before reading a mean.")]})
 
