@@ -73,16 +73,14 @@ from tensorsam.tasks.finetune.experiment import (
     minilm_dir,
 )
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vision import cpu_model, summary, sync
+
 RESULTS = Path(__file__).resolve().parent / "results" / "finetune.json"
 ADAPTERS = ("lora", "flora", "loretta")
 METHODS = ("adam", "das", "nbar", "sam")      # rebalance, obar, asam, sam-every-K: on request
 GOALS = {"das": 1.03, "nbar": 1.03}           # full-step time / Adam's, median of paired repeats (issue E7)
 TINY_VOCAB = 1000                             # tiny-bert's (load_model)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def version(dist: str) -> str | None:
@@ -192,22 +190,6 @@ def time_case(case: Case, n: int, device: torch.device) -> tuple[float, float]:
         for _ in range(n):
             case.step(opt, device)
     return full, sum(opt) / len(opt)
-
-
-def summary(xs: list[float]) -> dict:
-    xs = sorted(xs)
-    p25, p75 = (statistics.quantiles(xs, n=4, method="inclusive")[::2] if len(xs) >= 2 else (xs[0], xs[0]))
-    return {"n": len(xs), "median": statistics.median(xs), "p25": p25, "p75": p75, "min": xs[0], "max": xs[-1]}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "Model", "cpu model")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def parse_list(text: str) -> list[str]:
