@@ -9,7 +9,8 @@
 #                 all chosen by the best validation accuracy (never the test set);
 #   main        - {lora, flora, loretta} x {adam, sam, das} x SEEDS (default 1,2,3) with the chosen
 #                 RHO and ALPHA, into $OUT/main${TAG:+-$TAG} (run seeds side by side with SEEDS=...
-#                 TAG=...; `tensorsam report` pools the dirs).
+#                 TAG=...; METHODS=adam can run before the pilots choose RHO and ALPHA;
+#                 `tensorsam report` pools the dirs).
 # Protocol: 300 AdamW steps (lr $LR, default 5e-4, linear decay, wd 0, clip 1.0), batch 16, adapters of rank 8 on
 # query and value (s = 16/8), the head trained in full; validation and test scored every 50 steps.
 set -euo pipefail
@@ -33,7 +34,7 @@ case "$stage" in
       tensorsam "${common[@]}" --adapters flora --methods das --seeds 1 --set lr=$LR --set alpha=$alpha --out "$OUT/pilot/lr-$LR/alpha-$alpha"
     done ;;
   main)
-    tensorsam "${common[@]}" --adapters lora,flora,loretta --methods adam,sam,das --seeds "${SEEDS:-1,2,3}" \
+    tensorsam "${common[@]}" --adapters lora,flora,loretta --methods "${METHODS:-adam,sam,das}" --seeds "${SEEDS:-1,2,3}" \
       --set lr=$LR --set rho=$RHO --set alpha=$ALPHA --out "$OUT/main${TAG:+-$TAG}" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
