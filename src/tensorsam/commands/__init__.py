@@ -40,6 +40,15 @@ def add_task_arguments(p: argparse.ArgumentParser, task: str, out_help: str) -> 
                         "are recorded with status 'diverged' and the step either way")
 
 
+def add_distributed_argument(p: argparse.ArgumentParser) -> None:
+    """``--distributed ddp|fsdp``: how a task built on :func:`tensorsam.train.fit` uses the processes
+    of a torchrun job (see :mod:`tensorsam.train.distributed`)."""
+    p.add_argument("--distributed", choices=("ddp", "fsdp"),
+                   help="under torchrun: ddp (default; a whole replica per process) or fsdp (FSDP2: parameters, "
+                        "gradients and optimizer state sharded over the processes, DCP checkpoints; needs "
+                        "torchrun, --nproc-per-node 1 for one process)")
+
+
 def run_name(run: dict) -> str:
     """A run's name for messages: its label, else its grid coordinates (``method=sam seed=42``)."""
     if run.get("label"):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from tensorsam.commands import add_task_arguments, run_task, task_config
+from tensorsam.commands import add_distributed_argument, add_task_arguments, run_task, task_config
 
 FLAGS = ("dataset", "depth", "formats", "ranks", "methods", "seeds", "label_noises", "epochs", "train_subset",
-         "device")
+         "device", "distributed")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-subset", dest="train_subset", type=int,
                    help="train on this many images (seeded, stratified; default all)")
     p.add_argument("--device", help="auto (default), cpu or cuda[:i]")
+    add_distributed_argument(p)
     add_task_arguments(p, "vision", "results.json, models/, vision_curves.png")
 
 

@@ -104,6 +104,17 @@ def _upgrade(state_dict: dict, base_name: str) -> dict:
     return {"state": base["state"], "param_groups": groups or base["param_groups"]}
 
 
+def _none_on_any_rank(count: torch.Tensor, sharding: Sharding) -> bool:
+    """Whether ``count`` (this rank's, a 1-element tensor) sums to 0 over the ranks of every
+    process group in ``sharding``: one all-reduce per group and one host read, the same answer on
+    every rank."""
+    import torch.distributed as dist
+
+    for group, _ in sharding.reductions:
+        dist.all_reduce(count, group=group)
+    return bool((count == 0).item())
+
+
 class WrappedOptimizer(torch.optim.Optimizer):
     """Base class: wraps ``base_optimizer``, a class built on ``params`` with ``**kwargs``, or an
     instance (``params`` then ``None`` or the same parameters).
@@ -302,17 +313,13 @@ class WrappedOptimizer(torch.optim.Optimizer):
         """:meth:`grads_finite` on DTensor gradients (FSDP2): each rank counts its non-finite local
         tensors (an empty shard is finite), and one all-reduce of that count tells every rank
         whether any rank saw one, so that all ranks skip the same steps."""
-        import torch.distributed as dist
-
         local = [t for t in local_tensors(grads) if t.numel()]
         dev = grads[0].device
         bad = torch.zeros(1, device=dev)
         if local:
             peaks = [torch.linalg.vector_norm(t, ord=math.inf) for t in local]
             bad += (~torch.isfinite(torch.stack([t.to(dev) for t in peaks]))).sum()
-        for group, _ in sharding.reductions:
-            dist.all_reduce(bad, group=group)
-        return bool((bad == 0).item())
+        return _none_on_any_rank(bad, sharding)
 
     def _skip_this_step(self) -> bool:
         if self.skip_nonfinite and not self.grads_finite():
@@ -321,13 +328,37 @@ class WrappedOptimizer(torch.optim.Optimizer):
         return False
 
     def initialising_state(self) -> bool:
-        """True for the call ``torch.distributed.checkpoint`` makes to create optimizer state:
-        ``step()`` with no state yet and lr 0 in every param group.  Such a step runs only the
-        base step (creating its state, moving nothing) and counts nothing."""
+        """True for the call ``torch.distributed.checkpoint`` makes to create optimizer state
+        (torch's ``_init_optim_state``): ``step()`` with no state yet, lr 0 in every param group
+        and a zero gradient on every parameter that requires one.  Such a step runs only the base
+        step (creating its state, moving nothing) and counts nothing.  The gradients are read (one
+        host sync; one all-reduce when sharded) only when the first two hold: at most on a first
+        step taken at lr 0 (a warm-up from 0), which, with any non-zero gradient, is a real step."""
         def zero(lr) -> bool:   # a device tensor lr is never read (that would sync): not this call
             return not (isinstance(lr, torch.Tensor) and lr.device.type != "cpu") and float(lr) == 0.0
 
-        return not self.state and all(zero(g.get("lr", 0.0)) for g in self.param_groups)
+        if self.state or not all(zero(g.get("lr", 0.0)) for g in self.param_groups):
+            return False
+        return self._grads_all_zero()
+
+    @torch.no_grad()
+    def _grads_all_zero(self) -> bool:
+        """Whether every parameter that requires a gradient has one and all of them are zero."""
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        if any(p.grad is None for p in params):
+            return False
+        grads = [p.grad for p in params]
+        if not grads:
+            return True
+        dev = grads[0].device
+        nonzero = torch.zeros(1, device=dev)
+        local = [t for t in local_tensors(grads) if t.numel()]
+        if local:
+            nonzero += torch.stack([t.count_nonzero().to(dev) for t in local]).sum()
+        sharding = Sharding.of(grads) if dtensor_class() is not None else None
+        if sharding is None:
+            return bool((nonzero == 0).item())
+        return _none_on_any_rank(nonzero, sharding)
 
     def _base_step(self) -> None:
         """The base step and the step counter: the one place either happens."""

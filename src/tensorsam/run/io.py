@@ -213,19 +213,43 @@ def publish_directory(parent, name: str, write, *, drop_previous: bool = True) -
     or the new one); :func:`latest_directory` reads it.  ``name`` must be new (e.g. numbered by
     step): the directory ``latest`` names is never replaced; a leftover ``name`` that ``latest``
     does not name (from a killed process) is removed first.  Returns ``parent/name``.
+
+    Several processes filling one directory (each its own files, as DCP's ranks do) split this
+    into :func:`begin_directory` (one process), their writes, and :func:`finish_directory` (the
+    same process, after every writer is done).
     """
+    tmp = begin_directory(parent, name)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return finish_directory(parent, name, tmp, drop_previous=drop_previous)
+
+
+def begin_directory(parent, name: str) -> Path:
+    """The fresh temporary directory (``parent/.<name>.<random>.tmp``) that
+    :func:`finish_directory` publishes as ``parent/name``; refuses a name that is not new."""
     parent = Path(parent)
     if not name or "/" in name or name.startswith(".") or name == LATEST:
         raise ValueError(f"not a directory name to publish: {name!r}")
     previous = latest_directory(parent)
-    final = parent / name
     if previous is not None and previous.name == name:
-        raise ValueError(f"{final} is the directory {parent / LATEST} names; publish under a new name")
+        raise ValueError(f"{parent / name} is the directory {parent / LATEST} names; publish under a new name")
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
+
+
+def finish_directory(parent, name: str, tmp, *, drop_previous: bool = True) -> Path:
+    """Fsync the files of the filled ``tmp`` (from :func:`begin_directory`), rename it to
+    ``parent/name``, point ``parent/latest`` at it and, with ``drop_previous``, remove the
+    directory ``latest`` named before.  On failure ``tmp`` is removed and ``latest`` unchanged."""
+    parent, tmp = Path(parent), Path(tmp)
+    final = parent / name
     try:
-        write(tmp)
+        previous = latest_directory(parent)
         for file in tmp.rglob("*"):
             if file.is_file():
                 with open(file, "rb") as fh:
@@ -236,7 +260,7 @@ def publish_directory(parent, name: str, write, *, drop_previous: bool = True) -
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     atomic_write_text(parent / LATEST, name + "\n")
-    if drop_previous and previous is not None:
+    if drop_previous and previous is not None and previous != final:
         shutil.rmtree(previous, ignore_errors=True)
     return final
 

@@ -12,7 +12,13 @@
   schedules) and ``tracker.record(step)`` (a :class:`~tensorsam.dynamics.NormTracker`).
 - **Checkpoints** (model, optimizer, scheduler, scaler, tracker, best state, history, RNG streams)
   every ``checkpoint_every`` steps, on SIGINT/SIGTERM and at the end; under ``torch.distributed``
-  rank 0 writes and every rank resumes from the same file.
+  rank 0 writes and every rank resumes from the same file.  A sharded model (FSDP2, see
+  :func:`tensorsam.train.distributed.shard`) checkpoints into a directory of
+  ``torch.distributed.checkpoint`` checkpoints instead (:mod:`tensorsam.train.checkpoint`), which
+  resumes on any number of processes: with the same global batch (``batch_size`` x world size),
+  every step after the resume takes the same examples as the run that wrote it.
+- **FSDP2**: SAM's first pass is always the global gradient (``sam_sync=True``, the one meaning
+  sharded weights allow), and the best state is gathered whole on every rank.
 - **Divergence** is a result: each step's loss goes into a :class:`~tensorsam.run.loop.Divergence`
   on the device (no host sync in the step), read at each evaluation point.  A diverged run stops
   there, without evaluating or touching the best state, and returns ``status='diverged'`` with
@@ -25,7 +31,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import math
 import statistics
@@ -36,8 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tensorsam.run.loop import Divergence, Loop
-from tensorsam.train.distributed import rank_and_world, unwrap
+from tensorsam.run.loop import Divergence
+from tensorsam.train.checkpoint import make_loop, on_rank0
+from tensorsam.train.distributed import full_state_dict, is_sharded, rank_and_world
 from tensorsam.train.steps import train_step
 
 Data = tuple[torch.Tensor, torch.Tensor]
@@ -120,11 +126,6 @@ def accuracies(model: nn.Module, x: torch.Tensor, labels: dict[str, torch.Tensor
     return dict(zip(labels, (correct.double() / max(1, len(x))).tolist()))
 
 
-def _cpu_copy(state: dict) -> dict:
-    """A CPU copy of a ``state_dict`` (tensors cloned, other entries such as extra state deep-copied)."""
-    return {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in state.items()}
-
-
 def _check_data(name: str, data) -> Data:
     if not (isinstance(data, tuple | list) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)):
         raise ValueError(f"{name} must be a pair (inputs, labels) of tensors")
@@ -138,7 +139,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train: Data, *, epoc
         val: Data | None = None, test: Data | None = None, loss_fn: Callable = F.cross_entropy,
         micro_batches: int = 1, eval_every: int | None = None, scheduler=None, tracker=None,
         scaler: torch.amp.GradScaler | None = None, autocast: Callable | None = None,
-        clip_grad_norm: float | None = None, sam_sync: bool = False, batch_transform: Callable | None = None,
+        clip_grad_norm: float | None = None, sam_sync: bool | None = None, batch_transform: Callable | None = None,
         seed: int = 0, checkpoint=None, checkpoint_every: int = 500, resume: bool = False,
         progress: bool = True, desc: str = "", on_step: Callable[[int], None] | None = None,
         on_evaluate: Callable[[nn.Module], dict] | None = None, after_evaluation: Callable[[dict], None] | None = None,
@@ -151,7 +152,9 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train: Data, *, epoc
     step (e.g. to stop a run in a test); ``on_evaluate(model)`` returns more metrics for each history
     row (e.g. :func:`accuracies` on the training images); ``after_evaluation(row)`` sees each finished
     row (e.g. to prune a search trial by raising).  ``fingerprint`` goes to the :class:`~tensorsam.run.Loop`: a
-    checkpoint made with another one is not resumed from.
+    checkpoint made with another one is not resumed from.  ``sam_sync`` (see
+    :mod:`tensorsam.train.steps`) defaults to ``False`` (per-replica SAM under DDP) and is ``True``
+    on a sharded model, where ``False`` is refused.
     """
     x, y = _check_data("train", train)
     val = None if val is None else _check_data("val", val)
@@ -161,6 +164,11 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train: Data, *, epoc
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     if batch_size % micro_batches:
         raise ValueError(f"batch_size {batch_size} is not a multiple of micro_batches {micro_batches}")
+    sharded = is_sharded(model)
+    if sharded and sam_sync is False:
+        raise ValueError("sam_sync=False (each replica perturbs its own copy of w) needs whole replicas; under "
+                         "FSDP2 the weights are sharded: leave sam_sync unset (True), or use DDP")
+    sam_sync = sharded if sam_sync is None else sam_sync
     rank, world = rank_and_world()
     per_rank = len(y) // world
     steps_per_epoch = per_rank // batch_size
@@ -171,12 +179,12 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train: Data, *, epoc
     device = next(model.parameters()).device
 
     best = _Best()
-    state = {"model": unwrap(model), "optimizer": optimizer, "best": best}
+    state = {"best": best}
     for name, obj in (("scheduler", scheduler), ("scaler", scaler), ("tracker", tracker)):
         if obj is not None:
             state[name] = obj
-    loop = Loop(total, state=state, checkpoint=checkpoint, every=checkpoint_every, resume=resume, desc=desc,
-                progress=progress, fingerprint=fingerprint)
+    loop = make_loop(total, model=model, optimizer=optimizer, state=state, checkpoint=checkpoint,
+                     every=checkpoint_every, resume=resume, desc=desc, progress=progress, fingerprint=fingerprint)
     if not loop.resumed:
         loop.extra = {"history": [], "best_val_acc": -math.inf, "best_step": None, "test_at_best": None,
                       "loss_sum": torch.zeros((), device=device), "block": [], "block_steps": 0}
@@ -221,9 +229,9 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train: Data, *, epoc
                 ex["history"].pop()           # weights made non-finite by the last step
                 ex["diverged_at"] = done + 1
                 break
-            if val is not None and row["val_acc"] > ex["best_val_acc"]:
+            if val is not None and _improved(row["val_acc"] > ex["best_val_acc"], sharded):
                 ex["best_val_acc"], ex["best_step"], ex["test_at_best"] = row["val_acc"], done, row.get("test_acc")
-                best.state = _cpu_copy(unwrap(model).state_dict())
+                best.state = full_state_dict(model)
             loop.log(loss=row["train_loss"], **({"val_acc": row["val_acc"]} if val is not None else {}))
             if after_evaluation is not None:
                 after_evaluation(row)
@@ -236,6 +244,12 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train: Data, *, epoc
                      best_step=ex["best_step"], test_acc_at_best_val=ex["test_at_best"], best_state=best.state,
                      seconds_per_step=statistics.median(ex["block"]) if ex["block"] else None, steps=total,
                      status="ok" if diverged is None else "diverged", diverged_at=diverged)
+
+
+def _improved(better: bool, sharded: bool) -> bool:
+    """Rank 0's verdict on a sharded model (gathering the best state is a collective every rank must
+    join), this rank's otherwise."""
+    return on_rank0(lambda: better) if sharded else better
 
 
 def _evaluation(model, val, test, done: int, epoch: int, ex: dict, optimizer, autocast) -> dict:

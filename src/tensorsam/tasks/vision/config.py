@@ -50,6 +50,8 @@ class VisionConfig:
     eval_every: int = field(default=0, metadata=AFFECTS)  # steps; 0 = every epoch
     threads: int = field(default=0, metadata=AFFECTS)  # torch CPU threads; 0 = torch's default
     device: str = field(default="auto", metadata=AFFECTS)
+    # under torchrun: DDP (SAM perturbs per replica) or FSDP2 (sharded, SAM from the global gradient)
+    distributed: Literal["ddp", "fsdp"] = field(default="ddp", metadata=AFFECTS)
     checkpoint_every: int = field(default=200, metadata=NEUTRAL)
 
     def __post_init__(self):

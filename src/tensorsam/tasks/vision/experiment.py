@@ -34,7 +34,17 @@ from tensorsam.run import (
 )
 from tensorsam.run.io import check_writable_dir
 from tensorsam.tasks.vision.config import NEEDS_GROUPS, VisionConfig
-from tensorsam.train import DistInfo, accuracies, evaluate, fit, setup, unwrap, wrap
+from tensorsam.train import (
+    DistInfo,
+    accuracies,
+    evaluate,
+    fit,
+    full_state_dict,
+    load_full_state_dict,
+    setup,
+    unwrap,
+    wrap,
+)
 
 TRAIN_SCORED = 2000   # training images scored (noisy and clean labels) at every evaluation
 
@@ -107,12 +117,11 @@ def train_cell(cfg: VisionConfig, cell, data: _Data, info: DistInfo, *, checkpoi
         return {**base, "status": "skipped", "reason": f"a dense network has no rank (run once, at rank {cfg.ranks[0]})"}
     seed_everything(seed)
     model = resnet(cfg.depth, None if fmt == "none" else fmt, rank, data.num_classes, data.in_channels)
-    model = model.to(info.device)
-    opt = build_optimizer(method, model.parameters(), **optimizer_options(cfg, method, model))
-    model = wrap(model, info)                   # DDP under torchrun
+    model = wrap(model, info)                   # DDP (or FSDP2) under torchrun; sharding replaces the parameters
+    net = unwrap(model)
+    opt = build_optimizer(method, net.parameters(), **optimizer_options(cfg, method, net))
     steps_per_epoch = len(data.train_y) // info.world_size // cfg.batch_size
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * max(1, steps_per_epoch))
-    net = unwrap(model)
     tracker = NormTracker(net, every=max(1, steps_per_epoch)) if scale_invariant_groups(net) else None
     t0 = time.perf_counter()
     res = fit(model, opt, (data.train_x, data.train_y), epochs=cfg.epochs, batch_size=cfg.batch_size,
@@ -124,7 +133,7 @@ def train_cell(cfg: VisionConfig, cell, data: _Data, info: DistInfo, *, checkpoi
     if res.status == "diverged":               # a result, not a NaN: the weights are not evaluated
         return {**base, "status": "diverged", "diverged_at": res.diverged_at, "wall_seconds": wall,
                 "seconds_per_step": res.seconds_per_step, "history": res.history}
-    final_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+    final_state = full_state_dict(net)          # gathered whole when sharded (every rank joins)
     record = {**base, "status": "ok", "params": count_parameters(net),
               "trainable_params": sum(p.numel() for p in net.parameters() if p.requires_grad),
               "seconds_per_step": res.seconds_per_step, "wall_seconds": wall,
@@ -134,7 +143,7 @@ def train_cell(cfg: VisionConfig, cell, data: _Data, info: DistInfo, *, checkpoi
               "history": res.history,
               "dynamics": [] if tracker is None else tracker.history}
     if res.best_state is not None and score_test:
-        net.load_state_dict(res.best_state)
+        load_full_state_dict(net, res.best_state)
         record["test_acc_at_best_val"] = evaluate(model, data.test)["acc"]
     if models_dir is not None and info.is_main:
         atomic_torch_save({"config": config_to_dict(cfg), "cell": dict(cell.coords), "final": final_state,
@@ -148,7 +157,7 @@ def run_vision(cfg: VisionConfig, out_dir=None, *, resume: bool = False, progres
     started = time.time() if started is None else started
     if out_dir is not None:
         check_writable_dir(out_dir)
-    info = setup(cfg.device)
+    info = setup(cfg.device, strategy=cfg.distributed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     sweep = vision_sweep(cfg, out_dir, resume=resume)
