@@ -4,6 +4,8 @@ paired ratios to Adam, and the optimizer step alone.
     python benchmarks/finetune.py                              # MiniLM, lora/flora/loretta x adam/das/nbar/sam
     python benchmarks/finetune.py --methods adam,das,nbar,sam,rebalance --device cuda
     python benchmarks/finetune.py --quick --out /tmp/f.json     # a smoke run (tiny-bert, no measurement)
+    python benchmarks/finetune.py --model minilm-config --adapters flora --methods adam,sam,das,rebalance --device cuda
+                                                               # MiniLM's sizes, random weights: no package needed
 
 Each case (adapter, method) is a real :class:`~tensorsam.integrations.hf.SAMTrainer` built as
 ``tensorsam finetune`` builds it (``tasks.finetune.experiment``: ``load_model``, peft with
@@ -81,6 +83,11 @@ ADAPTERS = ("lora", "flora", "loretta")
 METHODS = ("adam", "das", "nbar", "sam")      # rebalance, obar, asam, sam-every-K: on request
 GOALS = {"das": 1.03, "nbar": 1.03}           # full-step time / Adam's, median of paired repeats (issue E7)
 TINY_VOCAB = 1000                             # tiny-bert's (load_model)
+# minilm-config: a BERT of all-MiniLM-L6-v2's sizes built from a BertConfig, random weights (timing only,
+# no package or download); its adapters and head are MiniLM's (query / value, classifier)
+MINILM_SIZES = {"vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
+                "intermediate_size": 1536, "max_position_embeddings": 512}
+MODELS = ("minilm", "minilm-config", "tiny-bert")
 
 
 def version(dist: str) -> str | None:
@@ -91,11 +98,22 @@ def version(dist: str) -> str | None:
 
 
 def vocab_size(model_name: str) -> int:
+    if model_name == "minilm-config":
+        return MINILM_SIZES["vocab_size"]
     if model_name == "tiny-bert":
         return TINY_VOCAB
     from transformers import AutoConfig
 
     return int(AutoConfig.from_pretrained(minilm_dir(), local_files_only=True).vocab_size)
+
+
+def bench_model(name: str):
+    """The model with a 45-way head: ``load_model``'s, or minilm-config built from a BertConfig."""
+    if name != "minilm-config":
+        return load_model(name)[0]
+    from transformers import BertConfig, BertForSequenceClassification
+
+    return BertForSequenceClassification(BertConfig(**MINILM_SIZES, num_labels=NUM_CLASSES))
 
 
 def make_batch(batch_size: int, length: int, vocab: int, seed: int = 0) -> dict:
@@ -115,7 +133,7 @@ class Case:
     ``Trainer.train`` sets them up.  ``step()`` is the timed unit (see the module docstring)."""
 
     def __init__(self, cfg: FinetuneConfig, adapter: str, method: str, batch: dict, device: torch.device,
-                 out_dir: str, max_steps: int):
+                 out_dir: str, max_steps: int, model_name: str | None = None):
         import peft
         from transformers import TrainingArguments
 
@@ -124,7 +142,7 @@ class Case:
 
         self.adapter, self.method = adapter, method
         seed_everything(0)                              # the same weights and head for every case
-        model, _ = load_model(cfg.model)
+        model = bench_model(model_name or cfg.model)
         model = peft.get_peft_model(model, adapter_config(cfg, adapter))
         self.params = sum(p.numel() for p in model.parameters())
         self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -197,7 +215,7 @@ def parse_list(text: str) -> list[str]:
 
 
 def run(args, cfg: FinetuneConfig, device: torch.device, log) -> dict:
-    batch = make_batch(cfg.batch_size, cfg.max_length, vocab_size(cfg.model))
+    batch = make_batch(cfg.batch_size, cfg.max_length, vocab_size(args.model))
     # the schedule spans at least the experiment's steps, and every step this run takes
     max_steps = max(cfg.steps, args.warmup + args.repeats * args.steps * (1 if device.type == "cpu" else 2))
     cases, skipped, info = [], [], {}
@@ -206,7 +224,7 @@ def run(args, cfg: FinetuneConfig, device: torch.device, log) -> dict:
         for adapter in args.adapters:
             for m in args.methods:
                 try:
-                    case = Case(cfg, adapter, m, batch, device, tmp, max_steps)
+                    case = Case(cfg, adapter, m, batch, device, tmp, max_steps, args.model)
                 except Skipped as err:
                     skipped.append({"adapter": adapter, "method": m, "reason": str(err)})
                     log(f"{adapter} {m}: skipped ({str(err)[:90]}...)")
@@ -293,7 +311,8 @@ def markdown(out: dict, skipped: list[dict], head: str) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="minilm", choices=("minilm", "tiny-bert"))
+    p.add_argument("--model", default="minilm", choices=MODELS,
+                   help="minilm (the package's weights), minilm-config (its sizes, random weights) or tiny-bert")
     p.add_argument("--device", default="cpu", help="cpu, cuda[:i] or auto")
     p.add_argument("--adapters", default=",".join(ADAPTERS), help="comma-separated: lora, flora, loretta")
     p.add_argument("--methods", default=",".join(METHODS),
@@ -326,7 +345,8 @@ def main(argv=None) -> int:
     if args.device != "cpu" and not args.device.startswith("cuda"):
         p.error(f"--device must be cpu, cuda[:i] or auto, got {args.device!r}")
     try:
-        cfg = FinetuneConfig(model=args.model, adapters=args.adapters, methods=args.methods,
+        # minilm-config adapts the same modules as minilm, with the same head
+        cfg = FinetuneConfig(model=args.model.removesuffix("-config"), adapters=args.adapters, methods=args.methods,
                              batch_size=args.batch_size, max_length=args.max_length, device=args.device)
     except ValueError as err:
         p.error(str(err))
@@ -362,7 +382,8 @@ def main(argv=None) -> int:
     repeats_done = len(next(iter(res["full"].values())))
     argv_used = sys.argv[1:] if argv is None else list(argv)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
-    model_label = "MiniLM-L6 (all-MiniLM-L6-v2)" if args.model == "minilm" else "tiny-bert"
+    model_label = {"minilm": "MiniLM-L6 (all-MiniLM-L6-v2)",
+                   "minilm-config": "MiniLM-L6's sizes from a BertConfig (random weights)"}.get(args.model, args.model)
     head = (f"Finetune optimizer step, HF Trainer path ({'QUICK smoke run, not a measurement; ' if args.quick else ''}"
             f"{model_label}, {device}: {where}, {threads} threads, torch {torch.__version__}, transformers "
             f"{transformers.__version__}, peft {version('peft')}): batch {args.batch_size} x {args.max_length} tokens, "

@@ -65,3 +65,29 @@ def test_finetune_benchmark_quick_writes_every_case_and_paired_ratios(tmp_path, 
     assert set(ratios) == {(a, f"{m.upper()}/Adam") for a, m in ok if m != "adam"}
     assert ratios[("lora", "DAS/Adam")]["goal"] == 1.03 and ratios[("lora", "NBAR/Adam")]["goal"] == 1.03
     assert ratios[("lora", "SAM/Adam")]["goal"] is None and ratios[("lora", "SAM/Adam")]["met"] is None
+
+
+def test_minilm_config_model_has_minilm_sizes_and_adapts_query_value():
+    """--model minilm-config: MiniLM-L6's sizes from a BertConfig (random weights, no package), with
+    the adapters and head of minilm."""
+    bench = _bench()
+    model = bench.bench_model("minilm-config")
+    cfg = model.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size) == (6, 384, 12, 1536)
+    assert bench.vocab_size("minilm-config") == cfg.vocab_size == 30522 and cfg.num_labels == bench.NUM_CLASSES
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    assert {"query", "value", "classifier"} <= names
+    assert 22e6 < sum(p.numel() for p in model.parameters()) < 24e6     # all-MiniLM-L6-v2: 22.7M
+
+
+def test_rebalance_case_builds_and_steps(tmp_path):
+    """rebalance takes no strength: method_options must not pass alpha (it did, and the factory refused)."""
+    out = tmp_path / "f.json"
+    threads = torch.get_num_threads()
+    try:
+        assert _bench().main(["--quick", "--device", "cpu", "--adapters", "flora", "--methods", "adam,rebalance",
+                              "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    res = json.loads(out.read_text())
+    assert {(r["adapter"], r["method"]) for r in res["rows"]} == {("flora", "adam"), ("flora", "rebalance")}

@@ -473,3 +473,82 @@ def test_float_layer_shape_is_refused_not_truncated():
         TensorizedLinear(64, 16, format="tt", rank=2, shape=(2.9, 4, 8, 4, 4))
     with pytest.raises(ValueError, match="2.0"):
         TensorizedLinear(64, 16, format="tt", rank=2, shape=((2.0, 4, 8), (4, 4)))
+
+
+def _boom(*args, **kwargs):
+    raise AssertionError("called on a prepared input signature")
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: TensorizedLinear(16, 12, format="tt", rank=2), (3, 16)),
+    (lambda: TensorizedConv2d(4, 6, 3, format="cp", rank=2, padding=1), (2, 4, 5, 5)),
+    (lambda: TensorizedConv2d(4, 6, 3, format="tr", rank=2, stride=2), (2, 4, 7, 7))], ids=["linear", "cp", "tr"])
+def test_auto_runs_the_prepared_forward_of_its_choice(monkeypatch, make, shape):
+    """Once decided, auto neither checks, estimates nor chooses again: it runs the same prepared
+    forward as the forced mode, bit for bit, forward and backward."""
+    monkeypatch.setenv("TENSORSAM_AUTO_TIMING", "1")
+    monkeypatch.setattr(auto_mod, "_MODE_CACHE", {})
+    torch.manual_seed(0)
+    layer = make()
+    x = torch.randn(shape, requires_grad=True)
+    y = layer(x)
+    mode = layer.choose_mode(x)
+    layer.forward_mode = mode
+    forced = layer(x)
+    layer.forward_mode = "auto"
+    for name in ("choose_mode", "estimated_costs", "time_modes", "_check_input", "_check_dtype"):
+        monkeypatch.setattr(layer, name, _boom)
+    again = layer(x)
+    assert torch.equal(again, y) and torch.equal(forced, y)
+    g = torch.randn_like(y)
+    ref = torch.autograd.grad(getattr(layer, f"forward_{mode}")(x), [x, *layer.parameters()], g)
+    for a, b in zip(torch.autograd.grad(again, [x, *layer.parameters()], g), ref):
+        assert torch.equal(a, b)
+
+
+def test_prepared_forwards_follow_copies_pickles_dtype_and_loads():
+    """The prepared forwards read the parameters of the layer they are called on and are dropped
+    when the dtype may change: copies, pickles, .double() and load_state_dict all behave as before."""
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    layer = TensorizedConv2d(4, 6, 3, format="tucker", rank=2, padding=1)
+    x = torch.randn(2, 4, 5, 5)
+    y = layer(x)
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.cores[0].mul_(2)
+    assert not torch.allclose(twin(x), y) and torch.equal(layer(x), y)
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=False)(x), y)
+    other = TensorizedConv2d(4, 6, 3, format="tucker", rank=2, padding=1)
+    layer.load_state_dict(other.state_dict())
+    assert torch.equal(layer(x), other(x))
+    layer.double()
+    with pytest.raises(ValueError, match="dtype"):
+        layer(x)
+    torch.testing.assert_close(layer(x.double()), other(x).double(), rtol=1e-5, atol=1e-6)
+    layer.load_state_dict(other.state_dict(), assign=True)  # float32 again
+    with pytest.raises(ValueError, match="dtype"):
+        layer(x.double())
+    assert torch.equal(layer(x), other(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x.bfloat16())  # allowed under autocast only
+    with pytest.raises(ValueError, match="dtype"):
+        layer(x.bfloat16())
+
+
+def test_auto_follows_requires_grad_of_the_parameters(monkeypatch):
+    """auto's choice is keyed by whether gradients are needed: freezing the parameters of a layer
+    whose input needs none makes a new choice, it does not reuse the training one."""
+    monkeypatch.setenv("TENSORSAM_AUTO_TIMING", "1")
+    monkeypatch.setattr(auto_mod, "_MODE_CACHE", {})
+    layer = TensorizedLinear(16, 12, format="tt", rank=2)
+    x = torch.randn(3, 16)
+    layer(x)
+    layer.requires_grad_(False)
+    layer(x)
+    assert {k[3] for k in layer._auto.modes} == {True, False}

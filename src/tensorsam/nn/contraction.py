@@ -3,7 +3,10 @@
 A layer never knows which format it holds: it asks the factorized tensor for its integer
 einsum labels (:meth:`FactorizedTensor.subscripts`), adds labels for the input's batch and
 spatial axes, and lets opt_einsum pick a contraction path once.  The compiled expression
-is cached by operand shapes, so the per-call cost is the pairwise contractions only.
+is cached by operand shapes, and its pairwise steps are unrolled once into the exact
+``torch.tensordot``/``permute``/``torch.einsum`` calls that opt_einsum's torch backend makes
+(:func:`unroll`), so a call runs those calls only: no parsing, no backend look-up, no symbol
+conversion, and the same results bit for bit.
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import opt_einsum
 import torch
+from opt_einsum.parser import convert_to_valid_einsum_chars, has_valid_einsum_chars_only
 
 # relative cost of moving one element vs one multiply-add, used by the FLOP+memory estimate
 MEMORY_WEIGHT = 4.0
@@ -48,6 +52,10 @@ class Contraction:
     flops: float
     memory: float
     out_shape: tuple[int, ...] | None = None  # reshape of the result, done inside the contraction
+    steps: tuple = field(init=False, repr=False)  # the expression's pairwise steps (:func:`unroll`)
+
+    def __post_init__(self) -> None:
+        self.steps = unroll(self.expression)
 
     def __call__(self, *operands: torch.Tensor) -> torch.Tensor:
         device = operands[0].device.type
@@ -65,7 +73,20 @@ class Contraction:
         return _SingleThreaded.apply(self.run, *operands)
 
     def run(self, *operands: torch.Tensor) -> torch.Tensor:
-        out = self.expression(*operands, backend="torch")
+        """The pairwise steps of the expression, as opt_einsum's torch backend runs them."""
+        ops = list(operands)
+        if len(ops) != self.expression.num_args:
+            raise ValueError(f"this contraction takes {self.expression.num_args} operands, got {len(ops)}")
+        for inds, how, perm in self.steps:
+            tmp = [ops.pop(i) for i in inds]
+            if type(how) is str:
+                out = torch.einsum(how, *tmp)
+            else:
+                out = torch.tensordot(*tmp, dims=how)
+                if perm is not None:
+                    out = out.permute(*perm)
+            ops.append(out)
+        out = ops[0]
         return out if self.out_shape is None else out.reshape(self.out_shape)
 
     @property
@@ -94,6 +115,36 @@ def compile_contraction(operand_labels: Sequence[Sequence[int]], operand_shapes:
         memory += n
     expr = opt_einsum.contract_expression(eq, *shapes, optimize=path)
     return Contraction(expr, float(info.opt_cost), memory, None if out_shape is None else tuple(out_shape))
+
+
+def unroll(expression: opt_einsum.contract.ContractExpression) -> tuple:
+    """The pairwise steps of ``expression`` as ``(operand positions, how, perm)``, decided once
+    exactly as opt_einsum's ``_core_contract`` decides them for the torch backend (which has
+    einsum): a BLAS step that opt_einsum does not mark ``EINSUM`` is ``torch.tensordot(a, b,
+    dims=how)`` followed by ``permute(*perm)`` when its labels come out in another order; any
+    other step is ``torch.einsum(how, ...)`` (``how`` a string, ``perm`` None) with the equation
+    converted to letters as the torch backend converts it.  Plain tuples and strings: a :class:`Contraction` stays picklable."""
+    steps = []
+    for inds, idx_rm, einsum_str, _, blas_flag in expression.contraction_list:
+        inds = tuple(inds)
+        if blas_flag and "EINSUM" not in blas_flag:
+            input_str, result = einsum_str.split("->")
+            left, right = input_str.split(",")
+            tensor_result = "".join(c for c in left + right if c not in idx_rm)
+            if idx_rm:
+                axes = tuple(zip(*sorted((left.find(c), right.find(c)) for c in idx_rm)))
+            else:
+                axes = ((), ())
+            perm = tuple(map(tensor_result.index, result)) if tensor_result != result else None
+            steps.append((inds, axes, perm))
+        else:
+            eq = einsum_str
+            if not has_valid_einsum_chars_only(eq):  # opt_einsum's _einsum
+                if "->" not in eq:
+                    eq += "->" + opt_einsum.parser.find_output_str(eq)
+                eq = convert_to_valid_einsum_chars(eq)
+            steps.append((inds, convert_to_valid_einsum_chars(eq), None))  # the torch backend's einsum
+    return tuple(steps)
 
 
 @contextlib.contextmanager

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..tensors import FactorizedTensor
-from . import auto, chain
+from . import auto, chain, dispatch
 from .contraction import Contraction, compile_contraction
 from .init import kaiming_variance
 from .layout import Layout
@@ -122,6 +122,7 @@ class _TensorizedLayer(nn.Module):
         self._in_labels, self._k_labels, self._out_labels = self.layout.labels(factors)
         self._free_label = 1 + max(max(s) for s in factors.subscripts()[0])
         self._contractions: dict = {}
+        dispatch.reset(self)
 
     @property
     def rank(self):
@@ -162,14 +163,35 @@ class _TensorizedLayer(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The mode's forward.  The first call for an input signature (mode, shape, dtype, device,
+        grad) checks the input, makes ``auto``'s choice and prepares the chosen forward with every
+        shape-derived constant and contraction bound (:mod:`.dispatch`); later calls look that
+        signature up in one dict and run the prepared forward, whose only Python work is the
+        chosen path's own op calls.  ``auto`` then costs the same as forcing its choice."""
+        if torch.compiler.is_compiling():  # traced each time: no cache to guard on
+            return self._forward_unprepared(x)
+        mode = self._forward_mode
+        grad = torch.is_grad_enabled()
+        if grad and mode == "auto" and not x.requires_grad:  # auto's choice depends on it
+            grad = dispatch.requires_grad(self)
+        key = (mode, x.shape, x.dtype, x.device, grad)
+        run = self._prepared.get(key)
+        if run is None:
+            return dispatch.prepare_and_run(self, x, key)
+        return run(self, x)
+
+    def _forward_unprepared(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward without the prepared-call cache (under ``torch.compile``)."""
         self._check_input(x)
         self._check_dtype(x)
         mode = self.forward_mode if self.forward_mode != "auto" else self.choose_mode(x)
-        if mode == "factorized":
-            return self.forward_factorized(x)
-        if mode == CHAIN_MODE:
-            return self.forward_chain(x)
-        return self.forward_reconstructed(x)
+        return getattr(self, f"forward_{mode}")(x)
+
+    def prepared(self, mode: str, x: torch.Tensor):
+        """``run(layer, x)``: ``mode``'s forward for inputs like ``x`` with its shape-derived constants
+        bound (the ``_prepare_<mode>`` method), or a call of ``forward_<mode>`` where that was
+        overridden (a subclass, a patched instance)."""
+        return dispatch.prepared_forward(self, mode, x)
 
     def _input_contraction(self, x: torch.Tensor) -> Contraction:
         raise NotImplementedError
@@ -213,11 +235,26 @@ class _TensorizedLayer(nn.Module):
         """Replay saved choices: ``auto`` takes them for those inputs without estimating or timing.
         A mode this layer does not have (:attr:`modes`) is a ValueError."""
         self._auto.load(state, self.modes)
+        dispatch.reset(self)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a state dict written before auto's choices were saved has no extra state: keep ours
         state_dict.setdefault(prefix + _EXTRA_STATE_KEY, self.get_extra_state())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        dispatch.reset(self)  # assign=True may have changed the cores' dtype
+
+    # -- the prepared forwards: never copied, dropped whenever parameters move or change dtype --
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        dispatch.reset(self)
+        return out
+
+    def __getstate__(self):
+        return dispatch.drop_prepared(super().__getstate__())
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        dispatch.reset(self)  # also for pickles written before the prepared forwards existed
 
     def _check_input(self, x: torch.Tensor) -> None:
         raise NotImplementedError
@@ -301,14 +338,32 @@ class TensorizedLinear(_TensorizedLayer):
         n = x.numel() // self.in_size
         return 2.0 * n * self.in_size * self.out_size + 2.0 * n * self.out_size
 
+    @dispatch.standard
     def forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        xt = x.reshape(-1, *self.in_modes)
-        y = self._input_contraction(x)(*self.weight_factors.cores, xt).reshape(*lead, self.out_size)
-        return y if self.bias is None else y + self.bias.to(y.dtype)  # y may be autocast
+        return self._prepare_factorized(x)(self, x)
 
+    @dispatch.standard
     def forward_reconstructed(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dense_weight(), self.bias)
+        return self._prepare_reconstructed(x)(self, x)
+
+    def _prepare_factorized(self, x: torch.Tensor):
+        contract, cores = self._input_contraction(x), dispatch.core_getter(len(self.cores))
+        in_shape, out_shape = (-1, *self.in_modes), (*x.shape[:-1], self.out_size)
+
+        def run(layer, x):
+            y = contract(*cores(layer.weight_factors.cores), x.reshape(in_shape)).reshape(out_shape)
+            bias = layer.bias
+            return y if bias is None else y + bias.to(y.dtype)  # y may be autocast
+
+        return run
+
+    def _prepare_reconstructed(self, x: torch.Tensor):
+        weight, cores = self._weight_contraction(), dispatch.core_getter(len(self.cores))
+
+        def run(layer, x):
+            return F.linear(x, weight(*cores(layer.weight_factors.cores)), layer.bias)
+
+        return run
 
     @classmethod
     def from_dense(cls, layer: nn.Linear, format: str, rank, shape=None, forward_mode: str = "auto",
@@ -429,19 +484,52 @@ class TensorizedConv2d(_TensorizedLayer):
             est[CHAIN_MODE] = self._conv_chain().cost(x.shape, (ho, wo))
         return est
 
+    @dispatch.standard
     def forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
-        ho, wo = self._out_hw(x)
-        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
-        cols = cols.reshape(x.shape[0], *self.in_modes, self.kernel_numel, ho * wo)
-        y = self._input_contraction(x)(*self.weight_factors.cores, cols).reshape(x.shape[0], self.out_size, ho, wo)
-        return y if self.bias is None else y + self.bias.to(y.dtype).view(1, -1, 1, 1)
+        return self._prepare_factorized(x)(self, x)
 
+    @dispatch.standard
     def forward_reconstructed(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.dense_weight(), self.bias, self.stride, self.padding, self.dilation)
+        return self._prepare_reconstructed(x)(self, x)
 
+    @dispatch.standard
     def forward_chain(self, x: torch.Tensor) -> torch.Tensor:
         """CP: 1x1 -> depthwise -> 1x1; Tucker: 1x1 -> core conv -> 1x1 (:mod:`.chain`)."""
-        return self._conv_chain()(x, self.weight_factors.cores, self.bias, self.stride, self.padding, self.dilation)
+        return self._prepare_chain(x)(self, x)
+
+    def _prepare_factorized(self, x: torch.Tensor):
+        ho, wo = self._out_hw(x)
+        contract, cores = self._input_contraction(x), dispatch.core_getter(len(self.cores))
+        cols_shape = (x.shape[0], *self.in_modes, self.kernel_numel, ho * wo)
+        out_shape = (x.shape[0], self.out_size, ho, wo)
+        kernel, dilation, padding, stride = self.kernel_size, self.dilation, self.padding, self.stride
+
+        def run(layer, x):
+            cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride).reshape(cols_shape)
+            y = contract(*cores(layer.weight_factors.cores), cols).reshape(out_shape)
+            bias = layer.bias
+            return y if bias is None else y + bias.to(y.dtype).view(1, -1, 1, 1)
+
+        return run
+
+    def _prepare_reconstructed(self, x: torch.Tensor):
+        weight, cores = self._weight_contraction(), dispatch.core_getter(len(self.cores))
+        stride, padding, dilation = self.stride, self.padding, self.dilation
+
+        def run(layer, x):
+            w = weight(*cores(layer.weight_factors.cores))
+            return F.conv2d(x, w, layer.bias, stride, padding, dilation)
+
+        return run
+
+    def _prepare_chain(self, x: torch.Tensor):
+        conv_chain, cores = self._conv_chain(), dispatch.core_getter(len(self.cores))
+        stride, padding, dilation = self.stride, self.padding, self.dilation
+
+        def run(layer, x):
+            return conv_chain(x, cores(layer.weight_factors.cores), layer.bias, stride, padding, dilation)
+
+        return run
 
     @classmethod
     def from_dense(cls, layer: nn.Conv2d, format: str, rank, shape=None, forward_mode: str = "auto",

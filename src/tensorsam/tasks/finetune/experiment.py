@@ -303,8 +303,8 @@ def method_options(cfg: FinetuneConfig, method: str) -> dict:
         options["adaptive"] = True
     elif method == "das":
         options.update(alpha=cfg.alpha, variant=cfg.das_variant)
-    elif method in ("nbar", "obar", "rebalance"):
-        options["alpha"] = cfg.alpha
+    elif method in ("nbar", "obar"):
+        options["alpha"] = cfg.alpha        # rebalance has no strength
     return options
 
 
