@@ -13,3 +13,22 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "tensorsam"))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def load_benchmark():
+    """``load_benchmark("name")``: benchmarks/name.py imported as a module (benchmarks/ is no package)."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -1,21 +1,10 @@
 """benchmarks/cost_model.py: the predictions follow from the stated model (no measurement)."""
 
-import importlib.util
 import json
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("cost_model", ROOT / "benchmarks" / "cost_model.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_predictions(tmp_path):
-    mod = _module()
+def test_predictions(tmp_path, load_benchmark):
+    mod = load_benchmark("cost_model")
     assert mod.main(["--no-measure", "--out", str(tmp_path / "c.json")]) == 0
     rec = json.loads((tmp_path / "c.json").read_text())
     a = rec["assumptions"]
@@ -31,8 +20,8 @@ def test_predictions(tmp_path):
     assert hybrid["adam_s"] < full["adam_s"] / 3
 
 
-def test_ring_collectives():
-    mod = _module()
+def test_ring_collectives(load_benchmark):
+    mod = load_benchmark("cost_model")
     assert mod.all_reduce_s(1e9, 1, 1e9, 1e-5) == 0.0
     assert abs(mod.all_gather_s(8e9, 8, 1e9, 0.0) - 7.0) < 1e-12
     assert abs(mod.all_reduce_s(8e9, 8, 1e9, 0.0) - 14.0) < 1e-12
