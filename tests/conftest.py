@@ -18,6 +18,17 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "tensorsam"))
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _restore_tensorly_backend():
+    """Peers (tltorch, tednet) set tensorly's global backend at import; later tests must not see it."""
+    import tensorly
+
+    backend = tensorly.get_backend()
+    yield
+    if tensorly.get_backend() != backend:
+        tensorly.set_backend(backend)
+
+
 @pytest.fixture
 def load_benchmark():
     """``load_benchmark("name")``: benchmarks/name.py imported as a module (benchmarks/ is no package)."""
