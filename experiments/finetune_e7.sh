@@ -7,18 +7,20 @@
 #                 reference is pilot-lr's cell at that LR);
 #   pilot-alpha - FLoRA, seed 1: DAS's alpha in {0.01, 0.1, 1} (the paper's Eq. 9, global u_D);
 #                 all chosen by the best validation accuracy (never the test set);
-#   main        - {lora, flora, loretta} x {adam, sam, das} x SEEDS (default 1,2,3) with the chosen
-#                 RHO and ALPHA, into $OUT/main${TAG:+-$TAG} (run seeds side by side with SEEDS=...
-#                 TAG=...; METHODS=adam can run before the pilots choose RHO and ALPHA;
+#   main        - ADAPTERS (default lora,flora,loretta) x METHODS (default adam,sam,das) x SEEDS
+#                 (default 1,2,3) with the chosen RHO and ALPHA, into $OUT/main${TAG:+-$TAG} (run
+#                 cells side by side with SEEDS=... METHODS=... ADAPTERS=... TAG=...; METHODS=adam
+#                 can run before the pilots choose RHO and ALPHA;
 #                 `tensorsam report` pools the dirs).
-# Protocol: 300 AdamW steps (lr $LR, default 5e-4, linear decay, wd 0, clip 1.0), batch 16, adapters of rank 8 on
-# query and value (s = 16/8), the head trained in full; validation and test scored every 50 steps.
+# Protocol: 300 AdamW steps (lr $LR, default 5e-3 as chosen by pilot-lr, linear decay, wd 0,
+# clip 1.0), batch 16, adapters of rank 8 on query and value (s = 16/8), the head trained in full; validation and test scored every 50 steps.
 set -euo pipefail
 stage=${1:?usage: experiments/finetune_e7.sh pilot-lr|pilot-rho|pilot-alpha|main}
 OUT=${OUT:-runs/e7}
-RHO=${RHO:-0.05}
-ALPHA=${ALPHA:-0.1}
-LR=${LR:-5e-4}
+# Defaults: the values the pilots chose on validation (docs/results/finetune.md).
+RHO=${RHO:-0.01}
+ALPHA=${ALPHA:-1}
+LR=${LR:-5e-3}
 common=(finetune --model minilm --shots 16 --steps 300 --set threads=${THREADS:-1} --resume)
 case "$stage" in
   pilot-lr)
@@ -34,7 +36,7 @@ case "$stage" in
       tensorsam "${common[@]}" --adapters flora --methods das --seeds 1 --set lr=$LR --set alpha=$alpha --out "$OUT/pilot/lr-$LR/alpha-$alpha"
     done ;;
   main)
-    tensorsam "${common[@]}" --adapters lora,flora,loretta --methods "${METHODS:-adam,sam,das}" --seeds "${SEEDS:-1,2,3}" \
+    tensorsam "${common[@]}" --adapters "${ADAPTERS:-lora,flora,loretta}" --methods "${METHODS:-adam,sam,das}" --seeds "${SEEDS:-1,2,3}" \
       --set lr=$LR --set rho=$RHO --set alpha=$ALPHA --out "$OUT/main${TAG:+-$TAG}" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
