@@ -9,7 +9,7 @@ paired ratios to Adam, and the optimizer step alone.
 
 Each case (adapter, method) is a real :class:`~tensorsam.integrations.hf.SAMTrainer` built as
 ``tensorsam finetune`` builds it (``tasks.finetune.experiment``: ``load_model``, peft with
-``adapter_config``, ``method_options``, the same ``TrainingArguments``: AdamW at lr 5e-4, linear
+``adapter_config``, ``method_options``, the same ``TrainingArguments``: AdamW at the config's lr, linear
 schedule, ``max_grad_norm`` 1.0, batch 16; ``report_to=[]``, ``use_cpu`` on the CPU), and set up as
 ``Trainer.train`` sets it up: ``create_optimizer`` (``build_trainer_optimizer``, with the Trainer's
 step count as ``total_steps``), ``accelerator.prepare(model, optimizer)`` (the optimizer is then
