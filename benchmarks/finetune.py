@@ -183,13 +183,16 @@ class Case:
             t.optimizer.step()
         else:
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             t.optimizer.step()
             sync(device)
-            opt_times.append(time.perf_counter() - t0)
+            opt_times.append(clock() - t0)
         if not t.accelerator.optimizer_step_was_skipped:
             t.lr_scheduler.step()
         self.model.zero_grad()
+
+
+clock = time.perf_counter  # --clock cpu: time.process_time
 
 
 def time_case(case: Case, n: int, device: torch.device) -> tuple[float, float]:
@@ -199,11 +202,11 @@ def time_case(case: Case, n: int, device: torch.device) -> tuple[float, float]:
     opt: list[float] = []
     cpu = device.type != "cuda"
     sync(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(n):
         case.step(opt if cpu else None, device)
     sync(device)
-    full = (time.perf_counter() - t0) / n
+    full = (clock() - t0) / n
     if not cpu:
         for _ in range(n):
             case.step(opt, device)
@@ -323,6 +326,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5, help="steps per case per repeat")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per case first")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: time.perf_counter; cpu: this process's CPU time (time.process_time), for a "
+                        "machine shared with other jobs (CPU device, --threads 1)")
     p.add_argument("--max-seconds", type=float, default=0,
                    help="stop repeating (after at least 3 repeats) once building, warm-up and repeats took this long")
     p.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
@@ -336,6 +342,10 @@ def main(argv=None) -> int:
     args.methods = list(dict.fromkeys(args.methods))
     if not set(args.adapters) <= set(ADAPTERS) or not args.adapters:
         p.error(f"--adapters must be among {', '.join(ADAPTERS)}, got {args.adapters}")
+    if args.clock == "cpu" and (args.device != "cpu" or args.threads != 1):
+        p.error("--clock cpu needs --device cpu and --threads 1 (CPU time sums over threads and misses the GPU)")
+    global clock
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     if min(args.batch_size, args.max_length, args.repeats, args.steps, args.warmup + 1) < 1 or args.threads < 0:
         p.error("--batch-size, --max-length, --repeats and --steps must be positive, --warmup and --threads >= 0")
     if args.device == "auto":
@@ -402,7 +412,7 @@ def main(argv=None) -> int:
         "model": args.model, "model_package": {MINILM_PACKAGE: version(MINILM_PACKAGE)} if args.model == "minilm" else None,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "threads": threads,
+        "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "threads": threads, "clock": args.clock,
         "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")},
         "load_average_at_start": load,
         "settings": {"adapters": args.adapters, "methods": args.methods, "batch_size": args.batch_size,
