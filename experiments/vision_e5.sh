@@ -3,7 +3,7 @@
 # continues where it stopped (finished cells are kept).  Stages:
 #   pilot  - one seed at 60 % noise: SAM's rho and DAS's alpha chosen on the *validation* split over
 #            named grids: rho in {0.2, 1, 4} x the paper's 0.05, alpha in {0.1, 1, 10} x the paper's 0.1;
-#   main   - {sgd, sam, das, rebalance, sam-every-2, sam-every-5} x SEEDS (default 1,2,3) at noise
+#   main   - METHODS (default sgd,sam,das,rebalance,sam-every-2,sam-every-5) x SEEDS (default 1,2,3) at noise
 #            $NOISE with the chosen RHO and ALPHA, into $OUT/noise-$NOISE[-$TAG] (run seeds side by
 #            side in separate dirs with SEEDS=... TAG=...; `tensorsam report` pools the dirs).
 # Protocol: TR-ResNet-20 at rank 10; a seeded, stratified 2000-image training subset; 1000 validation
@@ -30,7 +30,7 @@ case "$stage" in
       tensorsam "${common[@]}" --methods das --seeds 1 --label-noise 0.6 --set alpha=$alpha --out "$OUT/pilot/alpha-$alpha"
     done ;;
   main)
-    tensorsam "${common[@]}" --methods sgd,sam,das,rebalance,sam-every-2,sam-every-5 --seeds "${SEEDS:-1,2,3}" \
+    tensorsam "${common[@]}" --methods "${METHODS:-sgd,sam,das,rebalance,sam-every-2,sam-every-5}" --seeds "${SEEDS:-1,2,3}" \
       --label-noise "$NOISE" --set rho=$RHO --set alpha=$ALPHA --out "$OUT/noise-$NOISE${TAG:+-$TAG}" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
