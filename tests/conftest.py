@@ -15,7 +15,7 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "tensorsam"))
 
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(autouse=True)
@@ -33,12 +33,14 @@ def _restore_tensorly_backend():
 def load_benchmark():
     """``load_benchmark("name")``: benchmarks/name.py imported as a module (benchmarks/ is no package)."""
     import importlib.util
+    import sys
     from pathlib import Path
 
     def load(name: str):
         path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
         spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)
         return module
 

@@ -3,10 +3,8 @@ case, finite positive paired ratios to Adam, and BAR on FLoRA / LoRETTA as skipp
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,21 +12,13 @@ import torch
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_finetune", ROOT / "benchmarks" / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_finetune_benchmark_quick_writes_every_case_and_paired_ratios(tmp_path, capsys):
+def test_finetune_benchmark_quick_writes_every_case_and_paired_ratios(tmp_path, capsys, load_benchmark):
     out = tmp_path / "finetune.json"
     threads = torch.get_num_threads()
     try:
-        assert _bench().main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
+        assert load_benchmark("finetune").main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out
@@ -67,10 +57,10 @@ def test_finetune_benchmark_quick_writes_every_case_and_paired_ratios(tmp_path, 
     assert ratios[("lora", "SAM/Adam")]["goal"] is None and ratios[("lora", "SAM/Adam")]["met"] is None
 
 
-def test_minilm_config_model_has_minilm_sizes_and_adapts_query_value():
+def test_minilm_config_model_has_minilm_sizes_and_adapts_query_value(load_benchmark):
     """--model minilm-config: MiniLM-L6's sizes from a BertConfig (random weights, no package), with
     the adapters and head of minilm."""
-    bench = _bench()
+    bench = load_benchmark("finetune")
     model = bench.bench_model("minilm-config")
     cfg = model.config
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size) == (6, 384, 12, 1536)
@@ -80,12 +70,12 @@ def test_minilm_config_model_has_minilm_sizes_and_adapts_query_value():
     assert 22e6 < sum(p.numel() for p in model.parameters()) < 24e6     # all-MiniLM-L6-v2: 22.7M
 
 
-def test_rebalance_case_builds_and_steps(tmp_path):
+def test_rebalance_case_builds_and_steps(tmp_path, load_benchmark):
     """rebalance takes no strength: method_options must not pass alpha (it did, and the factory refused)."""
     out = tmp_path / "f.json"
     threads = torch.get_num_threads()
     try:
-        assert _bench().main(["--quick", "--device", "cpu", "--adapters", "flora", "--methods", "adam,rebalance",
+        assert load_benchmark("finetune").main(["--quick", "--device", "cpu", "--adapters", "flora", "--methods", "adam,rebalance",
                               "--out", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)

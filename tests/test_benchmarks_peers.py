@@ -4,30 +4,19 @@ when the peers (the ``bench`` extra) are not installed."""
 
 import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 PEERS = {"tltorch": "tensorly-torch==0.5.0", "tednet": "tednet==0.1.3", "pytorch_optimizer": "pytorch-optimizer==4.1.0"}
 PIP = "pip install " + " ".join(f"'{v}'" for v in PEERS.values()) + "  (or pip install -e '.[bench]')"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_peers", ROOT / "benchmarks" / "peers.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_peers_benchmark_quick(tmp_path, capsys):
+def test_peers_benchmark_quick(tmp_path, capsys, load_benchmark):
     missing = [name for name in PEERS if importlib.util.find_spec(name) is None]
     if missing:
         pytest.skip(f"peers not installed ({', '.join(missing)}): {PIP}")
-    script = _load_script()
+    script = load_benchmark("peers")
     threads = torch.get_num_threads()
     out = tmp_path / "peers.json"
     try:

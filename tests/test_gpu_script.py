@@ -3,7 +3,6 @@ the vision benchmark's ``+compile`` methods, and benchmarks/gpu.sh's step and bu
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -17,13 +16,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture
 def threads():
     before = torch.get_num_threads()
@@ -31,9 +23,10 @@ def threads():
     torch.set_num_threads(before)
 
 
-def test_sync_check_cpu_dry_run_runs_every_method_and_says_it_needs_cuda(tmp_path, monkeypatch, threads, capsys):
+def test_sync_check_cpu_dry_run_runs_every_method_and_says_it_needs_cuda(tmp_path, monkeypatch, threads, capsys,
+                                                                           load_benchmark):
     monkeypatch.setenv("TENSORSAM_AUTO_TIMING", "0")
-    sync_check = _load("sync_check")
+    sync_check = load_benchmark("sync_check")
     out = tmp_path / "sync.json"
     assert sync_check.main(["--device", "cpu", "--steps", "2", "--out", str(out)]) == 0
     assert "DRY RUN" in capsys.readouterr().out
@@ -51,8 +44,8 @@ def test_sync_check_cpu_dry_run_runs_every_method_and_says_it_needs_cuda(tmp_pat
     assert res["environment"]["torch"] == torch.__version__
 
 
-def test_sync_check_records_errors_per_case_and_writes_the_environment(tmp_path, monkeypatch, threads):
-    sync_check = _load("sync_check")
+def test_sync_check_records_errors_per_case_and_writes_the_environment(tmp_path, monkeypatch, threads, load_benchmark):
+    sync_check = load_benchmark("sync_check")
     rec = sync_check.check_method("bad", "no-such-method", "sgd", 2, torch.device("cpu"))
     assert rec["status"] == "error" and "unknown method" in rec["error"]
     env = tmp_path / "env.json"
@@ -64,8 +57,8 @@ def test_sync_check_records_errors_per_case_and_writes_the_environment(tmp_path,
         sync_check.main(["--cases", "nope", "--out", str(tmp_path / "x.json")])
 
 
-def test_vision_compile_suffix_sets_compile_and_keeps_the_base_method():
-    vision = _load("vision")
+def test_vision_compile_suffix_sets_compile_and_keeps_the_base_method(load_benchmark):
+    vision = load_benchmark("vision")
     from tensorsam.models import resnet
     from tensorsam.tasks.vision.config import VisionConfig
 
