@@ -12,6 +12,7 @@ conversion, and the same results bit for bit.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -188,3 +189,122 @@ class _SingleThreaded(torch.autograd.Function):
         with single_thread():
             grads = iter(torch.autograd.grad(out, need, grad, retain_graph=True))
         return (None, *(next(grads) if x.requires_grad else None for x in leaves))
+
+
+# --------------------------------------------------------------------------- matrix-product chains
+# A factorized linear layer whose contraction is a sequence of 2-D matrix products on views of
+# contiguous tensors: each product reads its operands as (possibly transposed) matrices and writes
+# its result in the order the next product reads, so neither the forward nor autograd's backward
+# copies a permuted intermediate (the pairwise steps above permute the large one in and out of
+# each tensordot).  ``flops`` counts 2 per multiply-add as opt_einsum does; ``memory`` the elements
+# written.  Plain picklable attributes and plain torch ops (double backward, torch.func, autocast).
+
+
+class TuckerLinearChain:
+    """``y = x`` times a Tucker weight of shape (in modes..., out modes...), core first in the
+    operands, then the factors U_k (I_k, R_k), then ``x`` (B, in modes...); returns (B, out).
+
+    The input factors are applied last mode first, each product putting its rank axis in front
+    (so the next mode to contract is always the last axis): ``(R_1..R_n, B)`` meets the core as a
+    (R_in, R_out) matrix, and the output factors are applied first mode first, each putting its
+    mode axis last, which leaves ``(B, O_1..O_m)``."""
+
+    def __init__(self, dims: Sequence[int], ranks: Sequence[int], n_in: int, batch: int):
+        self.dims, self.ranks, self.n_in = tuple(dims), tuple(ranks), n_in
+        self.r_in = math.prod(ranks[:n_in])
+        self.r_out = math.prod(ranks[n_in:])
+        self.batch, self.out_size = batch, math.prod(dims[n_in:])
+        flops = memory = 0.0
+        size = batch * math.prod(dims[:n_in])  # elements of the running intermediate
+        for k in reversed(range(n_in)):
+            flops, size = flops + 2.0 * size * ranks[k], size // dims[k] * ranks[k]
+            memory += size
+        flops, size = flops + 2.0 * batch * self.r_in * self.r_out, batch * self.r_out
+        memory += size
+        for k in range(n_in, len(dims)):
+            flops, size = flops + 2.0 * size * dims[k], size // ranks[k] * dims[k]
+            memory += size
+        self.flops, self.memory = flops, memory
+
+    @property
+    def cost(self) -> float:
+        return self.flops + MEMORY_WEIGHT * self.memory
+
+    def __call__(self, core: torch.Tensor, *operands: torch.Tensor) -> torch.Tensor:
+        *factors, x = operands
+        t = x
+        for k in reversed(range(self.n_in)):  # (.., B, I_1..I_k) -> (R_k, .., B, I_1..I_{k-1})
+            t = torch.mm(factors[k].t(), t.reshape(-1, self.dims[k]).t())
+        t = torch.mm(core.reshape(self.r_in, self.r_out).t(), t.reshape(self.r_in, self.batch))
+        for k in range(self.n_in, len(self.dims)):  # (R'_k, .., B, O_1..) -> (.., B, O_1..O_k)
+            t = torch.mm(t.reshape(self.ranks[k], -1).t(), factors[k].t())
+        return t.reshape(self.batch, self.out_size)
+
+
+class TTMLinearChain:
+    """``y = x`` times a TT-matrix weight: cores (r_{k-1}, O_k, I_k, r_k), then ``x`` (B, in
+    modes...); returns (B, out).
+
+    One core j is kept apart; the others merge (one small cached contraction) into a matrix
+    ``W`` (O_{!=j} r_{j-1} r_j, I_{!=j}).  ``x`` permuted to (I_{!=j}, I_j B) (a copy the size of
+    the input) meets ``W`` in one matrix product, ``U`` (O_{!=j}, r_{j-1} r_j I_j, B), and a
+    batched product over O_{!=j} with core j broadcast as (O_j, r_{j-1} r_j I_j) finishes; only
+    the output is permuted back.  Core j's gradient sums O_{!=j} small copies.  j is the core
+    with the fewest FLOPs, then the least memory, then the last."""
+
+    def __init__(self, core_shapes: Sequence[Sequence[int]], batch: int):
+        shapes = [tuple(int(s) for s in c) for c in core_shapes]
+        d = len(shapes)
+        if d < 2:
+            raise ValueError("a TT-matrix chain needs at least two cores")
+        rows, cols = [s[1] for s in shapes], [s[2] for s in shapes]
+        self.batch, self.in_modes, self.out_size = batch, tuple(cols), math.prod(rows)
+        best = None
+        for j in reversed(range(d)):  # ties go to the last core (2-D transposes, below)
+            merge = self._merge(shapes, j)
+            p_in, p_out = math.prod(cols) // cols[j], math.prod(rows) // rows[j]
+            k = shapes[j][0] * shapes[j][3] * cols[j]  # the contracted axis of the batched product
+            flops = merge.flops + 2.0 * p_out * k * p_in * batch + 2.0 * p_out * rows[j] * k * batch
+            # x permuted, U, the batched product and its permuted copy, core j's gradient copies
+            memory = (merge.memory + batch * p_in * cols[j] + p_out * k * batch
+                      + 2.0 * batch * self.out_size + p_out * rows[j] * k)
+            if best is None or (flops, memory) < best[:2]:
+                best = (flops, memory, j, merge, p_out, k)
+        self.flops, self.memory, self.j, self.merge, self.p_out, self.k = best
+        j = self.j
+        self.x_view = (batch, math.prod(cols[:j]), cols[j], math.prod(cols[j + 1:]))  # -> (I_<j, I_>j, I_j, B)
+        # (O_<j, O_>j, O_j, B) -> (B, O_<j, O_j, O_>j)
+        left = math.prod(rows[:j])
+        self.y_view = (left, self.p_out // left, rows[j], batch)
+
+    @staticmethod
+    def _merge(shapes, j) -> Contraction:
+        """Every core but j contracted to a (O_{!=j} r_{j-1} r_j, I_{!=j}) matrix (the boundary
+        bonds, of size 1, are left out)."""
+        d = len(shapes)
+        others = [i for i in range(d) if i != j]
+        rows, cols, bond = range(d), range(d, 2 * d), range(2 * d, 3 * d + 1)
+        inner = [k for k in (j, j + 1) if 0 < k < d]  # the bonds of core j that other cores share
+        out = (*(rows[i] for i in others), *(bond[k] for k in inner), *(cols[i] for i in others))
+        n_rows = math.prod(shapes[i][1] for i in others) * shapes[j][0] * shapes[j][3]
+        n_cols = math.prod(shapes[i][2] for i in others)
+        return compile_contraction([(bond[i], rows[i], cols[i], bond[i + 1]) for i in others],
+                                   [shapes[i] for i in others], out, (n_rows, n_cols))
+
+    @property
+    def cost(self) -> float:
+        return self.flops + MEMORY_WEIGHT * self.memory
+
+    def __call__(self, *operands: torch.Tensor) -> torch.Tensor:
+        *cores, x = operands
+        j, b = self.j, self.batch
+        if self.x_view[3] == 1:  # j is the last core: a 2-D transpose
+            xt = x.reshape(b, -1).t().contiguous().view(self.merge.out_shape[1], -1)
+        else:
+            xt = x.reshape(self.x_view).permute(1, 3, 2, 0).reshape(self.merge.out_shape[1], -1)
+        u = torch.mm(self.merge(*(c for i, c in enumerate(cores) if i != j)), xt)
+        g = cores[j].permute(1, 0, 3, 2).reshape(-1, self.k)  # (O_j, r_{j-1} r_j I_j)
+        y = torch.bmm(g.expand(self.p_out, *g.shape), u.view(self.p_out, self.k, b))  # (O_{!=j}, O_j, B)
+        if self.y_view[1] == 1:  # j is the last core: a 2-D transpose (torch's blocked copy)
+            return y.view(-1, b).t().contiguous()
+        return y.view(self.y_view).permute(3, 0, 2, 1).reshape(b, self.out_size).contiguous()

@@ -17,6 +17,7 @@ import torch
 from ..tensors import TTM, FactorizedTensor, get_format
 from ..tensors.base import validate_shape
 from ..tensors.shapes import balanced_factors
+from .contraction import TTMLinearChain, TuckerLinearChain
 
 # formats whose default tensorization keeps the natural (in, [k*k], out) modes
 NATURAL_MODE_FORMATS = ("cp", "tucker")
@@ -113,6 +114,20 @@ class Layout:
         n_in, n_k = len(self.in_modes), 0 if self.kernel is None else 1
         return labels[:n_in], labels[n_in:n_in + n_k], labels[n_in + n_k:]
 
+    def linear_chain(self, factors: FactorizedTensor, batch: int) -> TuckerLinearChain | TTMLinearChain | None:
+        """A linear layer's forward as a chain of matrix products (:mod:`.contraction`) for
+        ``batch`` rows of input, where the format has one; else None."""
+        return None
+
+
+class TuckerLayout(Layout):
+    """Tucker: a linear layer runs as a chain of matrix products (:class:`.contraction.TuckerLinearChain`)."""
+
+    def linear_chain(self, factors, batch):
+        if self.kernel is not None:
+            return None
+        return TuckerLinearChain(self.tensor_shape, factors.rank, len(self.in_modes), batch)
+
 
 class TTMLayout(Layout):
     """TTM pairs row (output) and column (input, then kernel) modes; the shorter side is padded
@@ -144,5 +159,10 @@ class TTMLayout(Layout):
         k = cols[n_in:n_in + 1] if self.kernel is not None else ()
         return cols[:n_in], k, rows[:len(self.out_modes)]
 
+    def linear_chain(self, factors, batch):
+        if self.kernel is not None or len(self.rows_cols[0]) < 2:
+            return None
+        return TTMLinearChain(factors.core_shapes(), batch)
 
-LAYOUTS: dict[str, type[Layout]] = {"ttm": TTMLayout}
+
+LAYOUTS: dict[str, type[Layout]] = {"ttm": TTMLayout, "tucker": TuckerLayout}
