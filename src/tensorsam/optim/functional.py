@@ -117,8 +117,14 @@ def sam_perturbation(params: list[torch.Tensor], grads: list[torch.Tensor], rho:
         w2 = _each("mul", foreach, [params[i] for i in ada], [params[i] for i in ada])
         for i, t in zip(ada, _each("mul", foreach, [e[i] for i in ada], w2)):
             e[i] = t
-    zero = torch.zeros((), dtype=e[0].dtype, device=finite.device)
-    return [torch.where(finite.to(t.device), t, zero.to(t.device)) for t in e], finite
+    # e = 0 unless finite, in place (e is ours): one masked_fill_ per tensor, the flag moved once per device
+    bad = {finite.device: ~finite}
+    for t in e:
+        mask = bad.get(t.device)
+        if mask is None:
+            mask = bad[t.device] = bad[finite.device].to(t.device)
+        t.masked_fill_(mask, 0)
+    return e, finite
 
 
 def sam_perturb_(params: list[torch.Tensor], grads: list[torch.Tensor], saved: list[torch.Tensor],

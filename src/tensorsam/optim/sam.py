@@ -106,6 +106,7 @@ class SAM(WrappedOptimizer):
         self._phase = "idle"
         self._saved: dict = {}      # parameter -> buffer holding w during the perturbed pass
         self._perturbed: list[torch.Tensor] = []
+        self._perturbed_saved: list[torch.Tensor] = []     # their buffers, in the same order
         self._first_finite: torch.Tensor | None = None
         self._like: dict = {}
         self._sharding_key: tuple | None = None     # the params whose Sharding is cached
@@ -158,7 +159,7 @@ class SAM(WrappedOptimizer):
             self._first_finite = F.compiled(F.sam_perturb_)(ps, grads, saved, rho, adaptive, False)
         else:
             self._first_finite = F.sam_perturb_(ps, grads, saved, rho, adaptive, self.foreach, sharding)
-        self._perturbed, self._perturbed_sharding = ps, sharding
+        self._perturbed, self._perturbed_saved, self._perturbed_sharding = ps, saved, sharding
         self._phase = "perturbed"
         if zero_grad:
             self.zero_grad()
@@ -169,8 +170,7 @@ class SAM(WrappedOptimizer):
         current gradient non-finite (:func:`~tensorsam.optim.functional.sam_restore_`)."""
         if self._phase != "perturbed":
             return
-        ps = self._perturbed
-        F.sam_restore_(ps, [self._saved[p] for p in ps], self._first_finite,
+        F.sam_restore_(self._perturbed, self._perturbed_saved, self._first_finite,
                        [p.grad for p in self._params_with_grad()], self.foreach, self._perturbed_sharding)
         self._phase = "restored"
 
