@@ -5,7 +5,7 @@
 
 Every timing is the median of ``--repeats`` (>= 5) interleaved repeats: within a repeat the
 variants run one after another, so load from other processes hits all of them alike.  The
-``chain`` column is the CP/Tucker conv run as a chain of standard convs (``-`` where a layer
+``chain`` column is the CP/Tucker/TT/TR conv run as a chain of standard convs (``-`` where a layer
 has no chain).  ``auto`` is then timed against forcing the mode it picked, in
 ``--pair-repeats`` (>= 15) more rounds of just those two, back to back in alternating order, each
 side of a round running about 20 ms of calls (1 to 20):

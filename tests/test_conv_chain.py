@@ -1,4 +1,4 @@
-"""CP and Tucker convolutions as a chain of standard convolutions (forward_mode='chain'): the
+"""CP, Tucker, TT and TR convolutions as a chain of standard convolutions (forward_mode='chain'): the
 output and gradients equal the reconstructed-weight path, and ``auto`` has the chain as a candidate."""
 
 import pytest
@@ -125,22 +125,22 @@ def test_chain_cost_counts_multiply_adds():
     assert est["chain"] < est["reconstructed"] / 4
 
 
-def test_chain_is_a_mode_of_cp_and_tucker_convs_only():
-    for fmt in ("cp", "tucker"):
+def test_chain_is_a_mode_of_cp_tucker_tt_and_tr_convs_only():
+    for fmt in ("cp", "tucker", "tt", "tr"):
         conv = TensorizedConv2d(8, 8, 3, format=fmt, rank=2, padding=1)
         assert conv.has_chain and "chain" in conv.modes
         assert "chain" in conv.estimated_costs(torch.empty(2, 8, 6, 6))
-    for fmt in ("tt", "tr", "ttm"):
+    for fmt in ("ttm",):
         conv = TensorizedConv2d(8, 8, 3, format=fmt, rank=2, padding=1)
         assert not conv.has_chain and "chain" not in conv.modes
         assert "chain" not in conv.estimated_costs(torch.empty(2, 8, 6, 6))
-        with pytest.raises(ValueError, match="CP and Tucker convolutions only"):
+        with pytest.raises(ValueError, match="CP, Tucker, TT and TR convolutions only"):
             conv.forward_mode = "chain"
-        with pytest.raises(ValueError, match="CP and Tucker convolutions only"):
+        with pytest.raises(ValueError, match="CP, Tucker, TT and TR convolutions only"):
             TensorizedConv2d(8, 8, 3, format=fmt, rank=2, forward_mode="chain")
     lin = TensorizedLinear(8, 8, format="cp", rank=2)
     assert "chain" not in lin.modes and "chain" not in lin.estimated_costs(torch.empty(2, 8))
-    with pytest.raises(ValueError, match="CP and Tucker convolutions only"):
+    with pytest.raises(ValueError, match="CP, Tucker, TT and TR convolutions only"):
         lin.forward_mode = "chain"
     assert chain_mod.plan(lin.weight_factors, lin._in_labels, lin._k_labels, lin._out_labels, (1, 1)) is None
 
@@ -209,9 +209,9 @@ def test_saved_chain_choice_replays_and_is_refused_where_missing(monkeypatch):
     monkeypatch.setattr(fresh, "estimated_costs", lambda x: pytest.fail("estimated a saved choice"))
     with torch.no_grad():
         assert fresh.choose_mode(x) == "chain"
-    tt = TensorizedConv2d(64, 64, 3, format="tt", rank=4, padding=1)
+    ttm = TensorizedConv2d(64, 64, 3, format="ttm", rank=4, padding=1)
     with pytest.raises(ValueError, match="saved auto choice"):
-        tt.set_extra_state(state)
+        ttm.set_extra_state(state)
 
 
 def test_chain_under_autocast():

@@ -1,7 +1,7 @@
 """The ``forward_mode='auto'`` policy: the cheapest of a layer's forward implementations per input.
 
 A layer hands over callables (its cost estimates, its forwards) and never its internals.  Every
-layer has ``'factorized'`` and ``'reconstructed'``; CP and Tucker convolutions also ``'chain'``.
+layer has ``'factorized'`` and ``'reconstructed'``; CP, Tucker, TT and TR convolutions also ``'chain'``.
 The modes whose FLOP and memory estimates are close to the cheapest one are the contenders
 (:func:`contenders`: ``'reconstructed'`` within :data:`AUTO_TIMING_MARGIN` times the cheapest
 estimate, every other mode within the layer's ``margin_above`` times it); when there are two or

@@ -7,16 +7,25 @@
   weight is the core contracted with the kernel mode's factor, a 1x1 conv R_out -> C_out.  A 1x1
   stage that would not reduce the channels (its rank equals the channel count) is folded into the
   core conv.
+* TT (Garipov et al., 2016) and TR (Wang et al., CVPR 2018): the cores lie along the train (ring)
+  as in modes, kernel, out modes.  A 1x1 conv contracts C_in with the in-mode cores into the bond
+  that leaves them towards the kernel core, r_a (TR: times the ring-closing bond r_0); the kernel
+  core makes a k_h x k_w conv r_a -> r_b (TR: the r_0 channels pass through it, a grouped conv
+  with ``groups=r_0`` whose weight is the kernel core repeated per group); a 1x1 conv contracts
+  the bonds with the out-mode cores into C_out.  About (C_in r_a + r_a k_h k_w r_b + r_b C_out) r_0
+  multiply-adds per pixel (r_0 = 1 for TT).  Of this chain and the two that fold a 1x1 stage into
+  the kernel stage (a dense conv), the fewest multiply-adds (and activations) per pixel is run.
 
 Several in (out) modes act as one channel axis: their factors are joined (Khatri-Rao for CP,
-Kronecker for Tucker) into the 1x1 conv's weight.  Every stage's weight is built from its cores by
-one small cached contraction per call (a weight-sized cost, never an activation-sized one).
+Kronecker for Tucker, the train's contraction for TT/TR) into the 1x1 conv's weight.  Every
+stage's weight is built from its cores by one small cached contraction per call (a weight-sized
+cost, never an activation-sized one).
 
 Stride, padding and dilation go on the stage that holds the kernel factor: zero padding commutes
 with the 1x1 stages before it (no bias), and the bias goes on the last stage, so the result is
 the dense conv's exactly, up to rounding.  A 1x1 kernel leaves no spatial work: its factor is folded
-into a 1x1 stage, leaving two 1x1 convs, and the first one takes the stride (it subsamples before
-any work is done).
+into a 1x1 stage (CP, Tucker: leaving two 1x1 convs; TT/TR: two or three, the cheapest as above),
+and the first stage takes the stride (it subsamples before any work is done).
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import torch.nn.functional as F
 from ..tensors import FactorizedTensor
 from .contraction import MEMORY_WEIGHT, Contraction, compile_contraction
 
-CHAIN_FORMATS = ("cp", "tucker")
+CHAIN_FORMATS = ("cp", "tucker", "tt", "tr")
 # cost units of one more conv call (dispatch, and a pass over memory the FLOP count misses), so that
 # tiny inputs, where the calls dominate, are not estimated far cheaper than one dense conv
 STAGE_OVERHEAD = 5e4
@@ -45,7 +54,8 @@ def supports(format: str) -> bool:
 @dataclass(frozen=True)
 class _Rearrange:
     """The weight of a stage built from a single core: a permutation and a reshape (a view where
-    possible), with the interface of :class:`.contraction.Contraction` that a stage uses."""
+    possible; the core's labels of size 1 that the weight lacks go last and vanish in the reshape),
+    with the interface of :class:`.contraction.Contraction` that a stage uses."""
 
     perm: tuple[int, ...]
     out_shape: tuple[int, ...]
@@ -53,6 +63,22 @@ class _Rearrange:
 
     def __call__(self, core: torch.Tensor) -> torch.Tensor:
         return core.permute(self.perm).reshape(self.out_shape)
+
+
+@dataclass(frozen=True)
+class _Repeat:
+    """The weight of a grouped stage whose groups share one map (TR's kernel stage, the ring-closing
+    bond passing through it): ``inner``'s weight for one group, repeated ``times`` along the output
+    channels by an expand (its backward sums the groups' gradients)."""
+
+    inner: Contraction | _Rearrange
+    times: int
+    out_shape: tuple[int, ...]
+    cost: float = 0.0
+
+    def __call__(self, *cores: torch.Tensor) -> torch.Tensor:
+        w = self.inner(*cores)
+        return w.unsqueeze(0).expand(self.times, *w.shape).reshape(self.out_shape)
 
 
 @dataclass(frozen=True)
@@ -106,23 +132,34 @@ class ConvChain:
 
 @dataclass(frozen=True)
 class _Step:
-    """A linear map between channel axes, before it becomes a :class:`Stage`: ``src`` and ``dst``
-    are the labels of its input and output channels; a depthwise step maps ``dst`` to itself."""
+    """A linear map between channel axes, before it becomes a :class:`Stage`: it maps the channels
+    labelled ``(*shared, *src)`` to ``(*shared, *dst)``, separately for each value of the ``shared``
+    labels (a grouped conv, ``groups`` their size).  CP's depthwise step shares its rank label and
+    maps () to (); TR's kernel step shares the ring-closing bond, which its core does not hold."""
 
     cores: tuple[int, ...]
     src: tuple[int, ...]
     dst: tuple[int, ...]
-    depthwise: bool = False
+    shared: tuple[int, ...] = ()
+
+    @property
+    def inputs(self) -> tuple[int, ...]:
+        return (*self.shared, *self.src)
+
+    @property
+    def outputs(self) -> tuple[int, ...]:
+        return (*self.shared, *self.dst)
 
     def then(self, other: _Step) -> _Step:
         """This step followed by ``other``, as one (dense) conv."""
-        return _Step(self.cores + other.cores, self.src, other.dst)
+        return _Step(self.cores + other.cores, self.inputs, other.outputs)
 
 
 def plan(factors: FactorizedTensor, in_labels: Sequence[int], k_labels: Sequence[int], out_labels: Sequence[int],
          kernel_size: tuple[int, int]) -> ConvChain | None:
     """The chain of a conv whose weight ``factors`` has these (in, kernel, out) mode labels, or
-    None for a format without one (:data:`CHAIN_FORMATS`)."""
+    None for a format without one (:data:`CHAIN_FORMATS`) or a TT/TR whose cores do not lie along
+    the train as in modes, kernel, out modes."""
     if not supports(factors.format) or len(k_labels) != 1:
         return None
     core_labels = [tuple(c) for c in factors.subscripts()[0]]
@@ -143,11 +180,11 @@ def plan(factors: FactorizedTensor, in_labels: Sequence[int], k_labels: Sequence
     one_by_one = tuple(kernel_size) == (1, 1)
     if factors.format == "cp":
         (rho,) = set(core_labels[k_core]) - set(k_labels)
-        steps = [_Step(in_cores, tuple(in_labels), (rho,)), _Step((k_core,), (rho,), (rho,), depthwise=True),
+        steps = [_Step(in_cores, tuple(in_labels), (rho,)), _Step((k_core,), (), (), shared=(rho,)),
                  _Step(out_cores, (rho,), tuple(out_labels))]
         if one_by_one:
             steps = [steps[0].then(steps[1]), steps[2]]
-    else:  # tucker: the core G is the one core holding no mode label
+    elif factors.format == "tucker":  # the core G is the one core holding no mode label
         (g,) = set(range(len(core_labels))) - {*in_cores, k_core, *out_cores}
         r_in, r_out = rank_labels(in_cores, in_labels), rank_labels(out_cores, out_labels)
         first, core, last = (_Step(in_cores, tuple(in_labels), r_in), _Step((g, k_core), r_in, r_out),
@@ -160,28 +197,75 @@ def plan(factors: FactorizedTensor, in_labels: Sequence[int], k_labels: Sequence
             if numel(r_out) >= numel(out_labels):
                 core, last = core.then(last), None
             steps = [s for s in (first, core, last) if s is not None]
+    else:
+        steps = _train_steps(core_labels, in_cores, k_core, out_cores, in_labels, k_labels, out_labels,
+                             kernel_size, numel)
+        if steps is None:
+            return None
     spatial = 0 if one_by_one else next(i for i, s in enumerate(steps) if k_core in s.cores)
     stages = tuple(_stage(s, i == spatial, k_core, tuple(k_labels), tuple(kernel_size), core_labels,
-                          factors.core_shapes(), numel) for i, s in enumerate(steps))
+                          factors.core_shapes(), size) for i, s in enumerate(steps))
     return ConvChain(stages, spatial)
 
 
+def _train_steps(core_labels, in_cores, k_core, out_cores, in_labels, k_labels, out_labels, kernel_size,
+                 numel) -> list[_Step] | None:
+    """TT/TR: 1x1 (in cores) -> kernel core, grouped over the bonds from the in to the out cores
+    (TR's ring-closing bond) -> 1x1 (out cores), or that chain with one 1x1 stage folded into the
+    kernel stage, whichever costs least per pixel; None unless the in-mode, kernel and out-mode
+    cores are the three segments of the train (ring) that this needs."""
+    modes = {*in_labels, *k_labels, *out_labels}
+    if {*in_cores} & {*out_cores, k_core}:
+        return None
+
+    def bonds(cores) -> tuple[int, ...]:
+        """The bond labels joining ``cores`` to the other cores (size-1 boundary bonds of a TT dangle)."""
+        inside = [lab for i in cores for lab in core_labels[i] if lab not in modes]
+        elsewhere = {lab for i, c in enumerate(core_labels) if i not in cores for lab in c}
+        return tuple(lab for lab in dict.fromkeys(inside) if inside.count(lab) == 1 and lab in elsewhere)
+
+    k_bonds = set(core_labels[k_core]) - modes
+    to_in = bonds(in_cores)
+    a = tuple(lab for lab in to_in if lab in k_bonds)  # into the kernel core
+    ring = tuple(lab for lab in to_in if lab not in k_bonds)  # past it, to the out cores (TR's r_0)
+    b = tuple(lab for lab in core_labels[k_core] if lab in k_bonds and lab not in a)
+    if not a or not b or set(bonds(out_cores)) != {*ring, *b} or len(k_bonds) != len(core_labels[k_core]) - 1:
+        return None
+    first, core, last = (_Step(in_cores, tuple(in_labels), (*ring, *a)), _Step((k_core,), a, b, shared=ring),
+                         _Step(out_cores, (*ring, *b), tuple(out_labels)))
+    chains = [[first.then(core), last], [first, core.then(last)], [first, core, last]]
+    k = math.prod(kernel_size)
+
+    def per_pixel(steps) -> float:  # the units of ConvChain.cost, at one resolution
+        macs = sum(numel(s.outputs) * numel(s.inputs) // numel(s.shared) * (k if k_core in s.cores else 1)
+                   for s in steps)
+        return 2.0 * macs + MEMORY_WEIGHT * sum(numel(s.outputs) for s in steps[:-1])
+
+    return min(chains, key=lambda steps: (per_pixel(steps), len(steps)))
+
+
 def _stage(step: _Step, spatial: bool, k_core: int, k_labels, kernel_size, core_labels, core_shapes,
-           numel) -> Stage:
+           size) -> Stage:
+    def numel(labels) -> int:
+        return math.prod(size[lab] for lab in labels)
+
     has_k = k_core in step.cores
     kernel = kernel_size if has_k else (1, 1)
-    k = k_labels if has_k else ()
-    if step.depthwise:
-        labels, channels = (*step.dst, *k), (numel(step.dst), 1)
-    else:
-        labels, channels = (*step.dst, *step.src, *k), (numel(step.dst), numel(step.src))
-    out_shape = (*channels, *kernel)
+    held = {lab for i in step.cores for lab in core_labels[i]}
+    repeat = tuple(lab for lab in step.shared if lab not in held)  # the same map for each of their values
+    assert step.shared[:len(repeat)] == repeat, "the shared labels no core holds come first"
+    own = step.shared[len(repeat):]  # shared labels a core holds: each group has its own map (CP)
+    labels = (*own, *step.dst, *step.src, *(k_labels if has_k else ()))
+    out_shape = (numel(own) * numel(step.dst), numel(step.src), *kernel)
     operands = [core_labels[i] for i in step.cores]
-    if len(operands) == 1 and sorted(operands[0]) == sorted(labels):
-        weight = _Rearrange(tuple(operands[0].index(lab) for lab in labels), out_shape,
+    dropped = [lab for lab in operands[0] if lab not in labels]
+    if len(operands) == 1 and set(labels) <= set(operands[0]) and all(size[lab] == 1 for lab in dropped):
+        weight = _Rearrange(tuple(operands[0].index(lab) for lab in (*labels, *dropped)), out_shape,
                             MEMORY_WEIGHT * math.prod(out_shape))
     else:
         weight = compile_contraction(operands, [core_shapes[i] for i in step.cores], labels, out_shape)
-    groups = channels[0] if step.depthwise else 1
-    in_channels = channels[0] if step.depthwise else channels[1]
-    return Stage(step.cores, weight, in_channels, channels[0], groups, kernel, spatial)
+    if repeat:
+        full = (numel(repeat) * out_shape[0], *out_shape[1:])
+        weight = _Repeat(weight, numel(repeat), full, weight.cost + MEMORY_WEIGHT * math.prod(full))
+    return Stage(step.cores, weight, numel(step.inputs), numel(step.outputs), numel(step.shared), kernel,
+                 spatial)

@@ -13,9 +13,9 @@ Forward modes (``forward_mode``):
   expression (convolutions contract the im2col patches of ``F.unfold``);
 * ``'reconstructed'``: build the weight with one einsum whose output labels are already in
   ``F.linear``/``F.conv2d`` order, then call the dense op;
-* ``'chain'`` (CP and Tucker convolutions only): a chain of standard convolutions, 1x1 ->
-  depthwise (CP) or core (Tucker) k_h x k_w -> 1x1, each weight built from its cores
-  (:mod:`.chain`);
+* ``'chain'`` (CP, Tucker, TT and TR convolutions only): a chain of standard convolutions, 1x1 ->
+  depthwise (CP), core (Tucker), kernel-core (TT) or grouped kernel-core (TR) k_h x k_w -> 1x1,
+  each weight built from its cores (:mod:`.chain`);
 * ``'auto'`` (the default): the cheapest of the layer's modes for each input shape, by the policy
   of :mod:`.auto` (an estimate, timed once when close; convolutions do not time a factorized or
   chain conv estimated above :data:`CONV_TIMING_MARGIN` times the cheapest mode).  Each layer's
@@ -306,7 +306,7 @@ class TensorizedConv2d(_TensorizedLayer):
 
     @property
     def has_chain(self) -> bool:
-        """CP and Tucker convolutions run as a chain of standard convolutions (:mod:`.chain`)."""
+        """CP, Tucker, TT and TR convolutions run as a chain of standard convolutions (:mod:`.chain`)."""
         return chain.supports(self.format)
 
     @property
@@ -358,7 +358,7 @@ class TensorizedConv2d(_TensorizedLayer):
         """The factorized conv pays for the im2col buffer (``F.unfold`` and its col2im backward)
         and runs its contraction on it at :data:`IM2COL_GEMM_PENALTY` times the dense conv's cost
         per FLOP; both are lower bounds, so a large ratio is trusted (``timing_margin_above``).
-        The chain (CP, Tucker) costs its convolutions' FLOPs and intermediate activations
+        The chain (CP, Tucker, TT, TR) costs its convolutions' FLOPs and intermediate activations
         (:meth:`.chain.ConvChain.cost`)."""
         ho, wo = self._out_hw(x)
         cols = x.shape[0] * self.in_size * self.kernel_numel * ho * wo
@@ -378,7 +378,8 @@ class TensorizedConv2d(_TensorizedLayer):
 
     @dispatch.standard
     def forward_chain(self, x: torch.Tensor) -> torch.Tensor:
-        """CP: 1x1 -> depthwise -> 1x1; Tucker: 1x1 -> core conv -> 1x1 (:mod:`.chain`)."""
+        """CP: 1x1 -> depthwise -> 1x1; Tucker: 1x1 -> core conv -> 1x1; TT/TR: 1x1 -> kernel-core
+        conv (grouped by the ring-closing bond for TR) -> 1x1 (:mod:`.chain`)."""
         return self._prepare_chain(x)(self, x)
 
     def _prepare_factorized(self, x: torch.Tensor):

@@ -15,14 +15,14 @@ from . import auto, dispatch
 from .contraction import Contraction
 
 FORWARD_MODES = ("auto", "factorized", "reconstructed")  # every layer's
-CHAIN_MODE = "chain"  # CP and Tucker convolutions' too (:attr:`TensorizedConv2d.modes`)
+CHAIN_MODE = "chain"  # CP, Tucker, TT and TR convolutions' too (:attr:`TensorizedConv2d.modes`)
 _EXTRA_STATE_KEY = "_extra_state"  # torch's key for get_extra_state()
 
 
 def check_forward_mode(mode: str) -> str:
     if mode not in FORWARD_MODES and mode != CHAIN_MODE:
-        raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {mode!r} (CP and Tucker "
-                         f"convolutions also take {CHAIN_MODE!r})")
+        raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {mode!r} (CP, Tucker, TT "
+                         f"and TR convolutions also take {CHAIN_MODE!r})")
     return mode
 
 
@@ -35,7 +35,7 @@ class ModeDispatch(nn.Module):
 
     @property
     def forward_mode(self) -> str:
-        """``'auto'``, ``'factorized'``, ``'reconstructed'`` or (CP and Tucker convolutions)
+        """``'auto'``, ``'factorized'``, ``'reconstructed'`` or (CP, Tucker, TT and TR convolutions)
         ``'chain'``; may be changed after construction."""
         return self._forward_mode
 
@@ -43,7 +43,7 @@ class ModeDispatch(nn.Module):
     def forward_mode(self, mode: str) -> None:
         check_forward_mode(mode)
         if mode == CHAIN_MODE and not self.has_chain:
-            raise ValueError(f"forward_mode={CHAIN_MODE!r} runs CP and Tucker convolutions only, not a "
+            raise ValueError(f"forward_mode={CHAIN_MODE!r} runs CP, Tucker, TT and TR convolutions only, not a "
                              f"{self.format} {type(self).__name__}")
         self._forward_mode = mode
 
