@@ -4,6 +4,7 @@
     python benchmarks/peers.py              # batch 128, 15 interleaved rounds
     python benchmarks/peers.py --quick      # tiny sizes and 3 rounds: a smoke run, not a measurement
     python benchmarks/peers.py --skip-networks   # the layer rows only (--skip-layers: the networks only)
+    python benchmarks/peers.py --threads 1 --clock cpu   # CPU time, on a machine shared with other jobs
 
 Everything runs in one process.  For each row, our layer (``forward_mode='auto'``: the mode it
 picks is shown) and every peer that can build it run forward+backward (input gradients included)
@@ -13,7 +14,7 @@ max: :func:`spread.summary`), so load from other processes hits both sides of a 
 ratio below 1 means tensorsam is faster.
 
 - Layers (batch 128): linear 1024->1024 (modes 4x16x16 on each side) in CP, TT-matrix, Tucker and
-  TR; 3x3 convs 32->32 and 64->64 on 16x16 inputs in CP, TR and Tucker.  Each peer is built at
+  TR; 3x3 convs 32->32 and 64->64 on 16x16 inputs in CP, TT, TR and Tucker.  Each peer is built at
   the rank whose parameter count is closest to ours (``params`` columns), with tltorch in both its
   ``factorized`` and ``reconstructed`` implementations; a peer without the format is left out
   with the reason.  The dense ``nn.Linear``/``nn.Conv2d`` is a row of its own.
@@ -42,7 +43,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -52,7 +52,8 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from layers import fwd_bwd, interleaved_samples, machine, train_step  # sibling scripts
+import layers  # sibling scripts
+from layers import fwd_bwd, interleaved_samples, machine, train_step
 from spread import load_avg, summary
 
 from tensorsam.models import resnet
@@ -182,9 +183,10 @@ def conv_variants(peers: dict, fmt: str, rank: int, channels: int) -> tuple[nn.M
         t = peers["tednet"].tnn
         ins, outs = list(ours.in_modes), list(ours.out_modes)
         build = {"cp": lambda r: t.cp.CPConv2D(channels, channels, r, 3, padding=1),
+                 "tt": lambda r: t.tensor_train.TTConv2D(ins, outs, [r] * len(ins), 3, padding=1),
                  "tucker": lambda r: t.tucker2.TK2Conv2D(channels, channels, [r, r], 3, padding=1),
                  "tr": lambda r: t.tensor_ring.TRConv2D(ins, outs, [r] * (len(ins) + len(outs) + 1), 3, padding=1)}[fmt]
-        name = {"cp": "CPConv2D", "tucker": "TK2Conv2D (Tucker-2)", "tr": "TRConv2D"}[fmt]
+        name = {"cp": "CPConv2D", "tt": "TTConv2D", "tucker": "TK2Conv2D (Tucker-2)", "tr": "TRConv2D"}[fmt]
         got = match_rank(build, target)
         if got:
             built[f"tednet {name}"] = (got[1], got[0])
@@ -253,7 +255,7 @@ def bench_layers(peers: dict, args, log) -> tuple[list[dict], list[dict]]:
     channels = (8,) if args.quick else (32, 64)
     hw = 8 if args.quick else 16
     cases = [("linear", fmt, r, None) for fmt in ("cp", "ttm", "tucker", "tr") for r in lin_ranks]
-    cases += [("conv", fmt, r, c) for c in channels for fmt in ("cp", "tr", "tucker") for r in conv_ranks]
+    cases += [("conv", fmt, r, c) for c in channels for fmt in ("cp", "tt", "tr", "tucker") for r in conv_ranks]
     for kind, fmt, rank, c in cases:
         torch.manual_seed(0)
         if kind == "linear":
@@ -322,7 +324,7 @@ def bench_networks(peers: dict, args, log) -> tuple[list[dict], list[dict]]:
 
     def timed_step(k):
         def run() -> float:
-            t0 = time.perf_counter()
+            t0 = layers.clock()
             if k == "ours":
                 opts[k].step(closures[k])
             elif k == "peer":  # pytorch-optimizer's SAM wants the gradients at w before step(closure)
@@ -331,7 +333,7 @@ def bench_networks(peers: dict, args, log) -> tuple[list[dict], list[dict]]:
             else:
                 closures[k]()
                 opts[k].step()
-            return time.perf_counter() - t0
+            return layers.clock() - t0
 
         return run
 
@@ -392,7 +394,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS, help="JSON results")
     p.add_argument("--skip-layers", action="store_true")
     p.add_argument("--skip-networks", action="store_true")
+    p.add_argument("--clock", choices=tuple(layers.CLOCKS), default="wall",
+                   help="wall: time.perf_counter; cpu: this process's CPU time (time.process_time), for a "
+                   "machine shared with other jobs; needs --threads 1")
     args = p.parse_args(argv)
+    if args.clock == "cpu" and args.threads != 1:
+        p.error("--clock cpu needs --threads 1 (CPU time sums over threads)")
+    layers.clock = layers.CLOCKS[args.clock]
     args.rounds = args.rounds or (3 if args.quick else ROUNDS)
     if args.rounds < 15 and not args.quick:
         raise SystemExit(f"--rounds must be >= 15 for a measurement, got {args.rounds} (or use --quick)")
@@ -403,7 +411,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     argv_used = sys.argv[1:] if argv is None else list(argv)
     meta = {"command": " ".join(["python benchmarks/peers.py", *argv_used]), "quick": args.quick,
-            "rounds": args.rounds, "warmup": args.warmup, "threads": args.threads, "machine": machine(),
+            "rounds": args.rounds, "warmup": args.warmup, "threads": args.threads, "clock": args.clock, "machine": machine(),
             "python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
             "load_before": load_avg()}
     peers, skipped = load_peers()

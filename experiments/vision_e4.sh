@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The E4 analogue (clean data, accuracy against rank) on Fashion-MNIST, run as resumable grids:
 # rerun any stage and it continues where it stopped (finished cells are kept).  Stages:
-#   pilot-rho   - TR rank 7, seed 1: SAM's rho in {0.01, 0.05, 0.2}, and the SGD reference;
-#   pilot-alpha - TR rank 7, seed 1: DAS's alpha in {0.01, 0.1, 1} (Eq. 9, global u_D); both chosen
+#   pilot-rho   - TR rank 7, seed 1: SAM's rho in RHOS (default {0.01, 0.05, 0.2}), and the SGD reference;
+#   pilot-alpha - TR rank 7, seed 1: DAS's alpha in ALPHAS (default {0.01, 0.1, 1}; the pilot chose the
+#                 edge 1, so ALPHAS="3 10" widened it) (Eq. 9, global u_D); both chosen
 #                 by the best accuracy on the validation split (never the test set);
 #   main        - FORMAT (cp or tr) at its three ranks (CP {10, 20, 50}, TR {5, 7, 12}: the low end of
 #                 the paper's sets, which fits the budget) x {sgd, sam, das} x SEEDS (default 1,2,3)
@@ -30,12 +31,12 @@ case "$FORMAT" in
 esac
 case "$stage" in
   pilot-rho)
-    for rho in 0.01 0.05 0.2; do
+    for rho in ${RHOS:-0.01 0.05 0.2}; do
       tensorsam "${common[@]}" --format tr --rank 7 --methods sam --seeds 1 --set rho=$rho --out "$OUT/pilot/rho-$rho"
     done
     tensorsam "${common[@]}" --format tr --rank 7 --methods sgd --seeds 1 --out "$OUT/pilot/sgd" ;;
   pilot-alpha)
-    for alpha in 0.01 0.1 1; do
+    for alpha in ${ALPHAS:-0.01 0.1 1}; do
       tensorsam "${common[@]}" --format tr --rank 7 --methods das --seeds 1 --set alpha=$alpha --out "$OUT/pilot/alpha-$alpha"
     done ;;
   main)

@@ -37,9 +37,13 @@ def test_peers_benchmark_quick(tmp_path, capsys, load_benchmark):
         assert q["n"] == 3 and q["min"] <= q["median"] <= q["max"] and r["ours_ms"] > 0 and r["peer_ms"] > 0
     groups = {r["group"] for r in res["rows"]}
     assert groups == {"linear", "conv", "network", "optimizer"}
-    assert len(peers_by_case) == 4 + 3 + 2  # 4 linear formats, 3 conv formats, SGD step, SAM step
+    assert len(peers_by_case) == 4 + 4 + 2  # 4 linear formats, 4 conv formats, SGD step, SAM step
     assert all(any("dense" in p for p in ps) for c, ps in peers_by_case.items() if not c.startswith("SAM"))
     assert any(p.startswith("tednet TRResNet") for ps in peers_by_case.values() for p in ps)
     checks = [r["check"] for r in res["rows"] if r.get("check")]
     assert checks and all(c["ok"] and c["max_abs_diff"] < 1e-10 for c in checks)
     assert {o["peer"] for o in res["left_out"]} == {"tltorch"}  # no tensor-ring layer in tltorch
+    assert res["clock"] == "wall"
+    with pytest.raises(SystemExit):  # CPU time sums over threads: --clock cpu needs one
+        script.main(["--quick", "--threads", "2", "--clock", "cpu", "--out", str(out)])
+    assert "--clock cpu needs --threads 1" in capsys.readouterr().err
