@@ -41,10 +41,53 @@ def test_adding_a_seed_runs_only_its_cells_and_keeps_the_others(tmp_path):
     payloads = torch.load(tmp_path / "payloads.pt", weights_only=True)
     assert sorted(payloads) == ["a_seed1", "a_seed2", "b_seed1", "b_seed2"]
     assert torch.equal(payloads["b_seed2"][0], torch.full((2,), 2))
-    # a smaller grid keeps what it has and says what it left out; without --resume everything runs
+    # a smaller grid keeps what it has; without --resume its cells run again
     ran.clear()
-    assert _grid(tmp_path, [2], ran).dropped == 2 and ran == []
-    assert len(_grid(tmp_path, [2], ran, resume=False).ran) == 2
+    assert _grid(tmp_path, [1, 2], ran).carried == 0 and ran == []
+    assert len(_grid(tmp_path, [1, 2], ran, resume=False).ran) == 4
+
+
+def test_another_grid_in_the_same_dir_carries_the_earlier_runs_and_payloads(tmp_path):
+    ran = []
+    _grid(tmp_path, [1, 2], ran)
+    before = json.loads((tmp_path / "results.json").read_text())["runs"]
+    ran.clear()
+    other = _grid(tmp_path, [3], ran)
+    assert ran == ["a_seed3", "b_seed3"] and other.carried == 4
+    assert other.summary() == "2 cells: kept 0 finished earlier, ran 2; 4 earlier run(s) outside this grid carried over"
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["runs"][2:] == before and res["sweep"]["carried"] == 4
+    assert [(r["method"], r["seed"]) for r in res["runs"][:2]] == [("a", 3), ("b", 3)]
+    payloads = torch.load(tmp_path / "payloads.pt", weights_only=True)
+    assert sorted(payloads) == [f"{m}_seed{s}" for m in "ab" for s in (1, 2, 3)]
+    # the first grid again: nothing runs, and the third seed's runs stay
+    ran.clear()
+    assert _grid(tmp_path, [1, 2], ran).carried == 2 and ran == []
+    assert len(json.loads((tmp_path / "results.json").read_text())["runs"]) == 6
+    # starting afresh (no --resume) where runs outside the grid would be lost is refused, and writes nothing
+    mtime = (tmp_path / "results.json").stat().st_mtime_ns
+    with pytest.raises(ValueError, match=r"holds 4 finished run\(s\) outside this grid.*--resume"):
+        _grid(tmp_path, [3], ran, resume=False)
+    assert ran == [] and (tmp_path / "results.json").stat().st_mtime_ns == mtime
+    assert not (tmp_path / ".tensorsam.lock").exists()
+
+
+def test_one_writer_at_a_time_and_a_dead_writers_lock_is_taken_over(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    lock = tmp_path / ".tensorsam.lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    ran = []
+    with pytest.raises(ValueError, match=rf"in use by process {os.getpid()}.*lock file"):
+        _grid(tmp_path, [1], ran)
+    assert ran == [] and not (tmp_path / "results.json").exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    _grid(tmp_path, [1], ran)
+    assert ran == ["a_seed1", "b_seed1"] and not lock.exists()
 
 
 def test_a_cell_without_its_payload_runs_again_and_other_settings_are_refused(tmp_path):

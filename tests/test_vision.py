@@ -55,10 +55,15 @@ def test_adding_a_seed_runs_only_the_new_cells(grid, tmp_path):
     out, _ = grid
     args = ["vision", "--out", str(out), "--methods", "sgd", "--format", "tr", "--label-noise", "0.4", *SMALL]
     before = {p.name: p.stat().st_mtime_ns for p in (out / "models").iterdir()}
+    earlier = json.loads((out / "results.json").read_text())["runs"]
     assert main([*args, "--seeds", "1,2", "--resume"]) == 0
     after = {p.name: p.stat().st_mtime_ns for p in (out / "models").iterdir()}
     assert after["sgd_tr2_p0.4_seed1.pt"] == before["sgd_tr2_p0.4_seed1.pt"]       # kept, not rerun
-    assert "sgd_tr2_p0.4_seed2.pt" in after and len(json.loads((out / "results.json").read_text())["runs"]) == 2
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    # the new cell is added; the fixture grid's other cells (other methods) are carried, not dropped
+    assert "sgd_tr2_p0.4_seed2.pt" in after and len(runs) == len(earlier) + 1
+    assert [(r["method"], r["seed"]) for r in runs[:2]] == [("sgd", 1), ("sgd", 2)]
+    assert all(r in runs for r in earlier)
 
 
 @pytest.mark.parametrize(("args", "message"), [

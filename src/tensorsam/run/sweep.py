@@ -12,8 +12,12 @@ writes; the ranks meet at a barrier before :meth:`Sweep.run` returns.
 With ``resume=True`` a cell is not run again when it is finished, either in ``.work`` (an
 interrupted sweep) or in the output dir itself (``results.json`` holds a run whose record has the
 cell's coordinates and the payload file holds its payload): a rerun with more values on an axis
-runs only the new cells.  Cells of an earlier grid that the new one lacks are left out of the
-results (:attr:`SweepResult.dropped` counts them).  ``same`` (the config fields a cell depends on
+runs only the new cells.  Finished runs of an earlier grid that the new one lacks are carried into
+the results file after the grid's own, with their payloads (:attr:`SweepResult.carried` counts
+them): nothing already written is lost.  Without ``resume`` the grid's cells run afresh and replace
+their old runs; an output dir holding runs outside the grid is then refused, since they were made
+under settings that may differ.  One invocation at a time writes an output dir (a lock file,
+:func:`tensorsam.run.io.claim_directory`).  ``same`` (the config fields a cell depends on
 besides its coordinates, e.g. :func:`tensorsam.run.config.result_fields` with ``grid=False``)
 must equal those of the earlier results file, else resuming is refused: a grid never mixes runs
 made with different settings.  A cell's fingerprint (:meth:`Sweep.fingerprint`: ``same`` plus its
@@ -24,6 +28,7 @@ other settings either.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -38,6 +43,7 @@ import torch
 from tensorsam.run.io import (
     atomic_torch_save,
     atomic_write_json,
+    claim_directory,
     load_checkpoint,
     remove_stale_temporaries,
     to_jsonable,
@@ -72,16 +78,17 @@ class SweepResult:
     payloads: dict[str, Any]
     kept: list[str]  # tags of cells finished by an earlier invocation
     ran: list[str]  # tags of cells run now
-    dropped: int = 0  # finished runs in the output dir that are not cells of this grid
+    carried: int = 0  # finished runs of the output dir outside this grid, kept after its cells in runs
 
     def record(self) -> dict:
-        """What a results file keeps of it: ``{"kept": [tags], "ran": [tags], "dropped": n}``."""
-        return {"kept": list(self.kept), "ran": list(self.ran), "dropped": self.dropped}
+        """What a results file keeps of it: ``{"kept": [tags], "ran": [tags], "carried": n}``."""
+        return {"kept": list(self.kept), "ran": list(self.ran), "carried": self.carried}
 
     def summary(self) -> str:
-        """``4 cells: kept 3 finished earlier, ran 1`` (and what was dropped, if anything)."""
-        text = f"{len(self.runs)} cells: kept {len(self.kept)} finished earlier, ran {len(self.ran)}"
-        return text + (f"; {self.dropped} earlier run(s) not in this grid left out" if self.dropped else "")
+        """``4 cells: kept 3 finished earlier, ran 1`` (and the earlier runs carried over, if any)."""
+        cells = len(self.runs) - self.carried
+        text = f"{cells} cells: kept {len(self.kept)} finished earlier, ran {len(self.ran)}"
+        return text + (f"; {self.carried} earlier run(s) outside this grid carried over" if self.carried else "")
 
 
 def _distributed() -> bool:
@@ -156,12 +163,12 @@ class Sweep:
     def _done_file(self, cell: Cell) -> Path | None:
         return None if self.work is None else self.work / f"{cell.tag}.pt"
 
-    def earlier(self) -> tuple[dict[str, tuple[dict, Any]], int]:
-        """Finished cells recorded in the output dir ({tag: (record, payload)}), and the number of
-        its runs that are no cell of this grid.  Refuses results made with other settings."""
+    def _results(self, *, check_settings: bool) -> dict | None:
+        """The output dir's results file (None if there is none), checked to be one; with
+        ``check_settings`` results made with other ``same`` settings are refused."""
         path = None if self.out_dir is None else self.out_dir / self.results_file
         if path is None or not path.is_file():
-            return {}, 0
+            return None
         try:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -170,40 +177,67 @@ class Sweep:
                 or not all(isinstance(r, dict) for r in data.get("runs", [])):
             raise ValueError(f"cannot resume into {self.out_dir}: {path} is not a tensorsam results file "
                              "(expected an object whose 'runs' is a list of objects)")
-        if self.same is not None:
+        if check_settings and self.same is not None:
             old = data.get("config") or {}
             differ = sorted(k for k, v in self.same.items() if k in old and old[k] != v)
             if differ:
                 changes = ", ".join(f"{k}: {old[k]!r} -> {self.same[k]!r}" for k in differ)
                 raise ValueError(f"cannot resume into {self.out_dir}: its results were made with other "
                                  f"settings ({changes}); use the same settings or another output dir")
-        payloads = {}
-        if self.payload_file is not None:
-            file = self.out_dir / self.payload_file
-            payloads = load_checkpoint(file) if file.is_file() else {}
+        return data
+
+    def _payloads(self) -> dict:
+        file = None if self.payload_file is None else self.out_dir / self.payload_file
+        return load_checkpoint(file) if file is not None and file.is_file() else {}
+
+    def _outside(self, runs: list[dict]) -> list[dict]:
+        return [r for r in runs if not any(cell.matches(r) for cell in self.cells)]
+
+    def earlier(self) -> tuple[dict[str, tuple[dict, Any]], list[dict]]:
+        """Finished cells recorded in the output dir ({tag: (record, payload)}), and its runs that
+        are no cell of this grid.  Refuses results made with other settings."""
+        data = self._results(check_settings=True)
+        if data is None:
+            return {}, []
+        payloads = self._payloads()
         runs = list(data.get("runs") or [])
         found = {}
         for cell in self.cells:
             record = next((r for r in runs if cell.matches(r)), None)
             if record is not None and (self.payload_file is None or cell.tag in payloads):
                 found[cell.tag] = (record, payloads.get(cell.tag))
-        dropped = sum(1 for r in runs if not any(cell.matches(r) for cell in self.cells))
-        return found, dropped
+        return found, self._outside(runs)
+
+    def _refuse_loss(self) -> None:
+        """Without resume: refuse an output dir whose results hold runs outside this grid."""
+        data = self._results(check_settings=False)
+        outside = self._outside(list(data.get("runs") or [])) if data else []
+        if outside:
+            raise ValueError(f"{self.out_dir} holds {len(outside)} finished run(s) outside this grid in "
+                             f"{self.results_file}; starting afresh would lose them: resume (--resume) to add "
+                             "this grid to them, or use another output dir")
 
     def run(self, fn: Callable[[Cell], tuple[dict, Any]],
             write: Callable[[SweepResult], Any] | None = None, *, progress: bool = False) -> SweepResult:
         """Run every cell not finished yet with ``fn(cell) -> (record, payload)``; then (with an
         output dir) write the payload file, call ``write(result)`` (the results file) and remove
         ``.work``.  ``progress`` prints a line per cell to stderr (``[3/12] sam_seed2``)."""
-        earlier, dropped = self.earlier() if self.resume else ({}, 0)
-        if self.out_dir is not None and _writes():
+        writes = self.out_dir is not None and _writes()
+        with claim_directory(self.out_dir) if writes else contextlib.nullcontext():
+            return self._run(fn, write, progress=progress, writes=writes)
+
+    def _run(self, fn, write, *, progress: bool, writes: bool) -> SweepResult:
+        earlier, _ = self.earlier() if self.resume else ({}, [])
+        if writes:
+            if not self.resume:
+                self._refuse_loss()
             remove_stale_temporaries(self.out_dir)     # left by a process killed mid-write
         if self.work is not None:
             self._check_work_settings()
             self.work.mkdir(parents=True, exist_ok=True)
             if _writes() and self.same is not None:
                 atomic_write_json(self.work / SETTINGS, self.same)
-        result = SweepResult([], {}, [], [], dropped)
+        result = SweepResult([], {}, [], [])
         for i, cell in enumerate(self.cells):
             done = self._done_file(cell)
             if progress:
@@ -230,9 +264,15 @@ class Sweep:
                 result.kept.append(cell.tag)
             result.runs.append(record)
             result.payloads[cell.tag] = payload
-        if self.out_dir is not None and _writes():
+        if writes:
+            if self.resume:      # read again now: the runs and payloads outside this grid are kept
+                _, outside = self.earlier()
+                result.runs.extend(outside)
+                result.carried = len(outside)
             if self.payload_file is not None:
-                atomic_torch_save(result.payloads, self.out_dir / self.payload_file)
+                tags = {cell.tag for cell in self.cells}
+                kept = {t: p for t, p in self._payloads().items() if t not in tags} if self.resume else {}
+                atomic_torch_save({**kept, **result.payloads}, self.out_dir / self.payload_file)
             if write is not None:
                 write(result)
             shutil.rmtree(self.work, ignore_errors=True)
