@@ -9,7 +9,8 @@ per-tensor ops, which is also what ``torch.compile`` traces) or the multi-tensor
 
 - :func:`sam_perturb_` / :func:`sam_restore_`: SAM and ASAM's ascent step and its undoing
   (Algorithm 1);
-- :func:`das_scale_`: DAS's scaling of the cores (Algorithm 2, Eq. 9);
+- :func:`das_scale_`: DAS's scaling of the cores (Algorithm 2, Eq. 9); :func:`das_factors` its
+  factors 1 + lambda_k, for a compiled caller that scales out of place;
 - :func:`bar_scale_`: nBAR / oBAR's scaling of (x, y) pairs (BAR, Algorithms 2 and 3);
 - :func:`rebalance_`: exact rebalancing of every group.
 
@@ -56,7 +57,7 @@ from tensorsam.formulas import (
 )
 from tensorsam.norms import Sharding, StackedLayout, local_tensors, norms
 
-__all__ = ["bar_scale_", "compiled", "das_scale_", "nan_unless", "rebalance_", "sam_perturb_", "sam_perturbation",
+__all__ = ["bar_scale_", "compiled", "das_factors", "das_scale_", "nan_unless", "rebalance_", "sam_perturb_", "sam_perturbation",
            "sam_restore_", "scale_"]
 
 
@@ -167,10 +168,19 @@ def das_scale_(cores: list[torch.Tensor], grads: list[torch.Tensor], eta_alpha: 
     ``layout``/``buffer``/``sharding`` (a :class:`~tensorsam.norms.Sharding` of ``cores + grads``)
     are those of a :class:`~tensorsam.optim.plan.GroupPlan`: with DTensors, every s_k and gamma_k
     of every group in one all-reduce."""
+    factors = das_factors(cores, grads, eta_alpha, seg, counts, normalization, divisor, foreach, layout, sharding)
+    scale_(cores if sharding is None else local_tensors(cores), factors, foreach, buffer)
+
+
+def das_factors(cores: list[torch.Tensor], grads: list[torch.Tensor], eta_alpha: torch.Tensor, seg: torch.Tensor,
+                counts: torch.Tensor, normalization: str = "global", divisor: str = "squared", foreach: bool = False,
+                layout: StackedLayout | None = None, sharding: Sharding | None = None) -> torch.Tensor:
+    """The factors 1 + lambda_k by which :func:`das_scale_` scales the cores (Eq. 9).  A compiled
+    caller that scales out of place (``c * f_k``) and copies after the graph keeps inductor's
+    fusion of the loss with its backward: a graph that mutates its inputs split it (completion)."""
     sq = norms([*cores, *grads], foreach, layout, squared=True, sharding=sharding)
     k = len(cores)
-    lam = das_lambda(sq[:k], sq[k:], seg, counts, eta_alpha, normalization, divisor)
-    scale_(cores if sharding is None else local_tensors(cores), 1.0 + lam, foreach, buffer)
+    return 1.0 + das_lambda(sq[:k], sq[k:], seg, counts, eta_alpha, normalization, divisor)
 
 
 def bar_scale_(cores: list[torch.Tensor], grads: list[torch.Tensor], eta_alpha: torch.Tensor, mode: str,

@@ -46,8 +46,10 @@ def gradient_fns(loss_fn) -> dict:
     built on the functional optimizer API (:mod:`tensorsam.optim.functional`):
 
     - ``'plain'``: ``(cores, idx, y, scale) -> (grads, loss)``;
-    - ``'das'``: the same, then DAS's scaling of the cores in place (:func:`das_scale_`, Eq. 9)
-      with the arguments of ``DAS.functional_args()``; the base step follows with ``grads``;
+    - ``'das'``: ``(..., *DAS.functional_args()[1:]) -> (grads, loss, scaled cores)``: DAS's
+      scaling (:func:`das_factors`, Eq. 9) out of place, copied into the cores after the call (a
+      graph that mutates its inputs lost inductor's fusion of the loss with its backward: 1.7x the
+      kernel time); the base step follows with ``grads``;
     - ``'sam'``: ``(..., rho, adaptive) -> (grads at w + e, loss at w)``, e from
       :func:`sam_perturbation` (Algorithm 1); the weights stay at w.  A non-finite first-pass
       gradient gives e = 0 and NaN in the returned gradient, as ``SAM.restore`` does.
@@ -55,7 +57,7 @@ def gradient_fns(loss_fn) -> dict:
     Gradients are made contiguous: einsum's backward can return transposed strides, and torch
     2.13's fused CPU Adam then pairs gradient and parameter entries wrongly (silently).
     """
-    from tensorsam.optim.functional import das_scale_, nan_unless, sam_perturbation
+    from tensorsam.optim.functional import das_factors, nan_unless, sam_perturbation
 
     grad_and_value = torch.func.grad_and_value(loss_fn)
 
@@ -65,8 +67,8 @@ def gradient_fns(loss_fn) -> dict:
 
     def das(cores, idx, y, scale, eta_alpha, seg, counts, normalization, divisor):
         grads, loss = plain(cores, idx, y, scale)
-        das_scale_(list(cores), list(grads), eta_alpha, seg, counts, normalization, divisor)
-        return grads, loss
+        f = das_factors(list(cores), list(grads), eta_alpha, seg, counts, normalization, divisor)
+        return grads, loss, tuple(c * fk for c, fk in zip(cores, f.unbind()))
 
     def sam(cores, idx, y, scale, rho, adaptive):
         grads, loss = plain(cores, idx, y, scale)
@@ -167,8 +169,11 @@ class Objective:
         fn = self._compiled(method)
 
         def fused():
-            args = opt.functional_args()[1:] if method == "das" else opt.functional_args(self.cores)
-            grads, loss = fn(cores, self.idx, self.y, self.scale, *args)
+            if method == "das":
+                grads, loss, scaled = fn(cores, self.idx, self.y, self.scale, *opt.functional_args()[1:])
+                torch._foreach_copy_(list(cores), list(scaled))
+            else:
+                grads, loss = fn(cores, self.idx, self.y, self.scale, *opt.functional_args(self.cores))
             self._set_grads(grads)
             opt.base_step()
             return loss
