@@ -181,8 +181,8 @@ def assumptions(args, measured: dict | None) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| GPUs | sharding | compute ms (fwd + bwd) | all-gather ms / half-pass | Adam step ms | DAS / Adam "
-             "| SAM / Adam |", "|---|---|---|---|---|---|---|"]
+    lines = [("| GPUs | sharding | compute ms (fwd + bwd) | all-gather ms / half-pass | Adam step ms | DAS / Adam "
+             "| SAM / Adam |"), "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['gpus']} | {r['sharding']} | {1e3 * (r['forward_s'] + r['backward_s']):.0f} "
                      f"| {1e3 * r['all_gather_s']:.0f} | {1e3 * r['adam_s']:.0f} | {r['das_s'] / r['adam_s']:.4f} "

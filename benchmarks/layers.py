@@ -274,14 +274,22 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS, help="markdown file for the table")
     p.add_argument("--skip-goals", action="store_true", help="skip the TR conv / ResNet-32 comparison")
     p.add_argument("--skip-layers", action="store_true", help="only the TR conv / ResNet-32 comparison")
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                   help="wall: time.perf_counter; cpu: this process's CPU time, for a machine shared with "
+                   "other jobs; needs --threads 1")
     args = p.parse_args(argv)
+    if args.clock == "cpu" and args.threads != 1:
+        p.error("--clock cpu needs --threads 1 (CPU time sums over threads)")
+    global clock
+    clock = CLOCKS[args.clock]
     if args.repeats < 5:
         raise ValueError(f"--repeats must be >= 5, got {args.repeats}")
     if args.pair_repeats < 15:
         raise ValueError(f"--pair-repeats must be >= 15, got {args.pair_repeats}")
     torch.set_num_threads(args.threads)
     console = Console()
-    info = machine()
+    info = f"{machine()}; {args.clock} clock; command `python benchmarks/layers.py " \
+           f"{' '.join(sys.argv[1:] if argv is None else argv)}`"
     console.print(f"[bold]tensorized layers[/bold]: {info}")
     warm_process()
     rows = [] if args.skip_layers else bench_layers(args.quick, args.repeats, args.pair_repeats, console)

@@ -84,7 +84,8 @@ def test_one_writer_at_a_time_and_a_dead_writers_lock_is_taken_over(tmp_path):
     with pytest.raises(ValueError, match=rf"in use by process {os.getpid()}.*lock file"):
         _grid(tmp_path, [1], ran)
     assert ran == [] and not (tmp_path / "results.json").exists()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True,
+                          text=True)
     lock.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
     _grid(tmp_path, [1], ran)
     assert ran == ["a_seed1", "b_seed1"] and not lock.exists()
