@@ -29,7 +29,7 @@ def test_vision_benchmark_quick_writes_rows_ratios_and_pipeline_share(tmp_path):
         assert r["images_per_s"] > 0 and 0 < r["pipeline_share"] < 1 and r["vs_sgd"]["n"] == 2
     assert {(q["model"], q["ratio"]) for q in res["ratios"]} == {(dense, "SAM/SGD"), (tr, "SAM/SGD"), (tr, "DAS/SGD"),
                                                              (tr, "SGD / dense SGD")}  # paired across models
-    assert all(q["goal"] in (1.02, 2.05) and q["min"] <= q["median"] <= q["max"] for q in res["ratios"])
+    assert all(q["goal"] in (1.02, 2.05, 1.03) and q["min"] <= q["median"] <= q["max"] for q in res["ratios"])
     assert {p["model"] for p in res["pipeline"]} == {dense, tr}
     assert all(0 < p["share_of_sgd_step"]["median"] < 1 for p in res["pipeline"])
     assert res["host_syncs"] is None                 # counted on CUDA only
