@@ -19,7 +19,7 @@ def _grid(out, seeds, ran, *, resume=True, same=None):
         return record, [torch.full((2,), c["seed"])]
 
     def write(result):
-        write_results(out / "results.json", task="demo", config={"lr": 0.1, "seeds": seeds}, runs=result.runs,
+        write_results(out / "results.json", task="demo", config={"lr": 0.1, "seeds": seeds}, runs=result.all_runs(),
                       extra={"sweep": result.record()}, started=time.time())
 
     sweep = Sweep({"seed": seeds, "method": ["a", "b"]}, out, resume=resume, payload_file="payloads.pt",
@@ -57,6 +57,8 @@ def test_another_grid_in_the_same_dir_carries_the_earlier_runs_and_payloads(tmp_
     assert other.summary() == "2 cells: kept 0 finished earlier, ran 2; 4 earlier run(s) outside this grid carried over"
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["runs"][2:] == before and res["sweep"]["carried"] == 4
+    assert [c["config"]["seeds"] for c in res["sweep"]["carried_from"]] == [[1, 2]]
+    assert other.runs == res["runs"][:2] and other.all_runs() == res["runs"]
     assert [(r["method"], r["seed"]) for r in res["runs"][:2]] == [("a", 3), ("b", 3)]
     payloads = torch.load(tmp_path / "payloads.pt", weights_only=True)
     assert sorted(payloads) == [f"{m}_seed{s}" for m in "ab" for s in (1, 2, 3)]
@@ -72,23 +74,47 @@ def test_another_grid_in_the_same_dir_carries_the_earlier_runs_and_payloads(tmp_
     assert not (tmp_path / ".tensorsam.lock").exists()
 
 
-def test_one_writer_at_a_time_and_a_dead_writers_lock_is_taken_over(tmp_path):
+def test_one_writer_at_a_time_and_a_killed_writer_blocks_nothing(tmp_path):
     import os
-    import socket
     import subprocess
     import sys
 
-    lock = tmp_path / ".tensorsam.lock"
-    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    from tensorsam.run.io import claim_directory
+
     ran = []
-    with pytest.raises(ValueError, match=rf"in use by process {os.getpid()}.*lock file"):
+    with claim_directory(tmp_path), pytest.raises(ValueError, match=rf"in use by process {os.getpid()} on .*lock"):
         _grid(tmp_path, [1], ran)
     assert ran == [] and not (tmp_path / "results.json").exists()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True,
-                          text=True)
-    lock.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    # a holder killed with SIGKILL leaves its lock file, but the kernel dropped the lock
+    code = f"import os; from tensorsam.run.io import claim_directory\nwith claim_directory({str(tmp_path)!r}):\n" \
+           "    os.kill(os.getpid(), 9)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == -9
+    assert (tmp_path / ".tensorsam.lock").exists()
     _grid(tmp_path, [1], ran)
-    assert ran == ["a_seed1", "b_seed1"] and not lock.exists()
+    assert ran == ["a_seed1", "b_seed1"] and not (tmp_path / ".tensorsam.lock").exists()
+
+
+def test_cells_of_an_interrupted_grid_outside_the_new_one_are_carried(tmp_path):
+    calls = []
+
+    def interrupted(c):
+        calls.append(c.tag)
+        if c["seed"] == 3:
+            raise KeyboardInterrupt
+        return {"method": c["method"], "seed": c["seed"]}, [torch.zeros(1)]
+
+    with pytest.raises(KeyboardInterrupt):
+        Sweep({"seed": [1, 3], "method": ["a"]}, tmp_path, resume=True, payload_file="payloads.pt",
+              tag=lambda c: f"{c['method']}_seed{c['seed']}", same={"lr": 0.1}).run(interrupted)
+    ran = []
+    with pytest.raises(ValueError, match=r"holds 1 finished run\(s\) outside this grid"):
+        _grid(tmp_path, [2], ran, resume=False)
+    res = _grid(tmp_path, [2], ran)
+    assert ran == ["a_seed2", "b_seed2"] and res.carried == 1 and [r["seed"] for r in res.runs] == [2, 2]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in saved["runs"]] == [("a", 2), ("b", 2), ("a", 1)]
+    assert saved["sweep"]["carried_from"] == [{"interrupted grid in this dir, same settings": ["a_seed1"]}]
+    assert sorted(torch.load(tmp_path / "payloads.pt", weights_only=True)) == ["a_seed1", "a_seed2", "b_seed2"]
 
 
 def test_a_cell_without_its_payload_runs_again_and_other_settings_are_refused(tmp_path):

@@ -105,7 +105,7 @@ def run(args) -> int:
 
     def write(result):
         write_results(out / "results.json", task="compress-demo", config={**config, "formats": args.formats,
-                      "ranks": args.ranks}, runs=result.runs, extra={"sweep": result.record()}, started=started)
+                      "ranks": args.ranks}, runs=result.all_runs(), extra={"sweep": result.record()}, started=started)
 
     result = sweep.run(lambda c: (compress_one(weight, in_modes, out_modes, c["format"], c["rank"]), None),
                        write, progress=not args.no_progress)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -196,55 +197,39 @@ def check_writable_dir(path) -> Path:
 LOCK = ".tensorsam.lock"
 
 
-def _holder_alive(holder: Mapping) -> bool:
-    """Whether the process named in a lock file still runs (always assumed for another host)."""
-    if holder.get("host") != socket.gethostname():
-        return True
-    try:
-        os.kill(int(holder.get("pid", -1)), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError, OverflowError):
-        return True
-    return True
-
-
 @contextlib.contextmanager
 def claim_directory(folder):
-    """Hold ``folder`` (created if missing) for one writer: a lock file ``.tensorsam.lock`` made with
-    ``O_EXCL`` names this process and is removed on exit.  Another live holder is refused with a
-    ``ValueError``; the lock of a process that died (same host, pid gone) is taken over.  Two
-    invocations writing one output dir at once would each rewrite its results file from their own
-    view, and delete each other's temporaries."""
+    """Hold ``folder`` (created if missing) for one writer: an exclusive ``flock`` on its lock file
+    ``.tensorsam.lock``, which names the holder and is removed on exit.  Another holder is refused
+    with a ``ValueError``.  The kernel drops the lock when its process dies, however it dies, so a
+    killed run never blocks the next one.  Two invocations writing one output dir at once would each
+    rewrite its results file from their own view, and delete each other's temporaries."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK
-    me = {"pid": os.getpid(), "host": socket.gethostname()}
-    for _ in range(2):
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                holder = json.loads(path.read_text() or "{}")
-            except (OSError, ValueError):
-                holder = {}
-            if isinstance(holder, dict) and holder and not _holder_alive(holder):
-                path.unlink(missing_ok=True)      # its process died (killed mid-run): take over
-                continue
-            who = f"process {holder.get('pid')} on {holder.get('host')}" if isinstance(holder, dict) and holder \
-                else "another process"
-            raise ValueError(f"output directory {folder} is in use by {who} (lock file {path}); wait for it to "
-                             "finish or use another output dir, and delete the lock file if that process "
-                             "is gone") from None
-        with os.fdopen(fd, "w") as fh:
-            json.dump(me, fh)
-        break
-    else:
-        raise ValueError(f"could not take the lock file {path} of output directory {folder}")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ValueError(f"output directory {folder} is in use by {holder} (lock file {path}); wait for "
+                             "it to finish or use another output dir") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)        # the holder removed the file between our open and flock: take the new one
     try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
         yield folder
     finally:
-        path.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)    # while still locked: a waiting opener then sees another inode
+        os.close(fd)
 
 
 def atomic_save_figure(fig, path, **savefig_kwargs) -> Path:

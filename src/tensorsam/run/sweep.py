@@ -12,12 +12,14 @@ writes; the ranks meet at a barrier before :meth:`Sweep.run` returns.
 With ``resume=True`` a cell is not run again when it is finished, either in ``.work`` (an
 interrupted sweep) or in the output dir itself (``results.json`` holds a run whose record has the
 cell's coordinates and the payload file holds its payload): a rerun with more values on an axis
-runs only the new cells.  Finished runs of an earlier grid that the new one lacks are carried into
-the results file after the grid's own, with their payloads (:attr:`SweepResult.carried` counts
-them): nothing already written is lost.  Without ``resume`` the grid's cells run afresh and replace
-their old runs; an output dir holding runs outside the grid is then refused, since they were made
-under settings that may differ.  One invocation at a time writes an output dir (a lock file,
-:func:`tensorsam.run.io.claim_directory`).  ``same`` (the config fields a cell depends on
+runs only the new cells.  Finished runs of an earlier grid that the new one lacks (in the results
+file, or in ``.work`` from an interrupted grid) are carried into the results file after the grid's
+own, with their payloads and where they were made (:attr:`SweepResult.carried_runs`,
+:meth:`SweepResult.all_runs`, ``carried_from``): nothing already written is lost.  Without
+``resume`` the grid's cells run afresh and replace their old runs; an output dir holding runs
+outside the grid is then refused, since they were made under settings that may differ.  One
+invocation at a time writes an output dir (:func:`tensorsam.run.io.claim_directory`); under
+``torch.distributed`` every rank gets rank 0's refusal.  ``same`` (the config fields a cell depends on
 besides its coordinates, e.g. :func:`tensorsam.run.config.result_fields` with ``grid=False``)
 must equal those of the earlier results file, else resuming is refused: a grid never mixes runs
 made with different settings.  A cell's fingerprint (:meth:`Sweep.fingerprint`: ``same`` plus its
@@ -78,16 +80,25 @@ class SweepResult:
     payloads: dict[str, Any]
     kept: list[str]  # tags of cells finished by an earlier invocation
     ran: list[str]  # tags of cells run now
-    carried: int = 0  # finished runs of the output dir outside this grid, kept after its cells in runs
+    carried_runs: list[dict] = dataclasses.field(default_factory=list)  # finished runs outside this grid
+    carried_from: list[dict] = dataclasses.field(default_factory=list)  # where they were made (config, provenance)
+
+    @property
+    def carried(self) -> int:
+        return len(self.carried_runs)
+
+    def all_runs(self) -> list[dict]:
+        """What the results file holds: this grid's runs, then the carried ones."""
+        return [*self.runs, *self.carried_runs]
 
     def record(self) -> dict:
-        """What a results file keeps of it: ``{"kept": [tags], "ran": [tags], "carried": n}``."""
-        return {"kept": list(self.kept), "ran": list(self.ran), "carried": self.carried}
+        """What a results file keeps of it: ``{"kept": [tags], "ran": [tags], "carried": n, "carried_from": [...]}``."""
+        out = {"kept": list(self.kept), "ran": list(self.ran), "carried": self.carried}
+        return {**out, "carried_from": self.carried_from} if self.carried else out
 
     def summary(self) -> str:
         """``4 cells: kept 3 finished earlier, ran 1`` (and the earlier runs carried over, if any)."""
-        cells = len(self.runs) - self.carried
-        text = f"{cells} cells: kept {len(self.kept)} finished earlier, ran {len(self.ran)}"
+        text = f"{len(self.runs)} cells: kept {len(self.kept)} finished earlier, ran {len(self.ran)}"
         return text + (f"; {self.carried} earlier run(s) outside this grid carried over" if self.carried else "")
 
 
@@ -208,14 +219,45 @@ class Sweep:
                 found[cell.tag] = (record, payloads.get(cell.tag))
         return found, self._outside(runs)
 
+    def _outside_work(self) -> dict[str, tuple[dict, Any]]:
+        """Finished cells of an interrupted earlier grid (``.work/<tag>.pt``) that are no cells of this
+        one: {tag: (record, payload)}."""
+        if self.work is None or not self.work.is_dir():
+            return {}
+        tags = {cell.tag for cell in self.cells}
+        found = {}
+        for file in sorted(self.work.glob("*.pt")):
+            if file.stem not in tags:
+                saved = load_checkpoint(file)
+                found[file.stem] = (json.loads(saved["record"]), saved["payload"])
+        return found
+
     def _refuse_loss(self) -> None:
-        """Without resume: refuse an output dir whose results hold runs outside this grid."""
+        """Without resume: refuse an output dir holding finished runs outside this grid (in the
+        results file, or in ``.work`` from an interrupted grid)."""
         data = self._results(check_settings=False)
-        outside = self._outside(list(data.get("runs") or [])) if data else []
+        outside = len(self._outside(list(data.get("runs") or []))) if data else 0
+        outside += sum(1 for f in self.work.glob("*.pt") if f.stem not in {c.tag for c in self.cells}) \
+            if self.work is not None and self.work.is_dir() else 0
         if outside:
-            raise ValueError(f"{self.out_dir} holds {len(outside)} finished run(s) outside this grid in "
-                             f"{self.results_file}; starting afresh would lose them: resume (--resume) to add "
-                             "this grid to them, or use another output dir")
+            raise ValueError(f"{self.out_dir} holds {outside} finished run(s) outside this grid; starting afresh "
+                             "would lose them: resume (--resume) to add this grid to them, or use another output dir")
+
+    def _carry(self, result: SweepResult) -> dict:
+        """Put the output dir's finished runs outside this grid (results file and ``.work``) into
+        ``result``, with where they were made; returns their payloads by tag."""
+        data = self._results(check_settings=True) or {}
+        outside = self._outside(list(data.get("runs") or []))
+        tags = {cell.tag for cell in self.cells}
+        payloads = {t: p for t, p in self._payloads().items() if t not in tags}
+        if outside:
+            result.carried_from = [{"config": data.get("config"), "provenance": data.get("provenance")},
+                                   *(data.get("sweep") or {}).get("carried_from", [])]
+        work = {t: rp for t, rp in self._outside_work().items() if rp[0] not in outside}
+        if work:
+            result.carried_from.append({"interrupted grid in this dir, same settings": sorted(work)})
+        result.carried_runs = [*outside, *(record for record, _ in work.values())]
+        return {**payloads, **{t: p for t, (_, p) in work.items()}}
 
     def run(self, fn: Callable[[Cell], tuple[dict, Any]],
             write: Callable[[SweepResult], Any] | None = None, *, progress: bool = False) -> SweepResult:
@@ -223,14 +265,26 @@ class Sweep:
         output dir) write the payload file, call ``write(result)`` (the results file) and remove
         ``.work``.  ``progress`` prints a line per cell to stderr (``[3/12] sam_seed2``)."""
         writes = self.out_dir is not None and _writes()
-        with claim_directory(self.out_dir) if writes else contextlib.nullcontext():
+        with contextlib.ExitStack() as held:
+            error = None
+            if writes:
+                try:
+                    held.enter_context(claim_directory(self.out_dir))
+                    if not self.resume:
+                        self._refuse_loss()
+                except ValueError as err:
+                    error = str(err)
+            if self.out_dir is not None and _distributed():   # every rank refuses, not rank 0 alone
+                box = [error]
+                torch.distributed.broadcast_object_list(box, src=0)
+                error = box[0]
+            if error is not None:
+                raise ValueError(error)
             return self._run(fn, write, progress=progress, writes=writes)
 
     def _run(self, fn, write, *, progress: bool, writes: bool) -> SweepResult:
         earlier, _ = self.earlier() if self.resume else ({}, [])
         if writes:
-            if not self.resume:
-                self._refuse_loss()
             remove_stale_temporaries(self.out_dir)     # left by a process killed mid-write
         if self.work is not None:
             self._check_work_settings()
@@ -265,14 +319,9 @@ class Sweep:
             result.runs.append(record)
             result.payloads[cell.tag] = payload
         if writes:
-            if self.resume:      # read again now: the runs and payloads outside this grid are kept
-                _, outside = self.earlier()
-                result.runs.extend(outside)
-                result.carried = len(outside)
+            carried = self._carry(result) if self.resume else {}   # read now: nothing outside the grid is lost
             if self.payload_file is not None:
-                tags = {cell.tag for cell in self.cells}
-                kept = {t: p for t, p in self._payloads().items() if t not in tags} if self.resume else {}
-                atomic_torch_save({**kept, **result.payloads}, self.out_dir / self.payload_file)
+                atomic_torch_save({**carried, **result.payloads}, self.out_dir / self.payload_file)
             if write is not None:
                 write(result)
             shutil.rmtree(self.work, ignore_errors=True)

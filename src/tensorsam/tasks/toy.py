@@ -180,7 +180,7 @@ def run_toy(cfg: ToyConfig, out_dir=None, *, resume: bool = False, progress: boo
                   tag=lambda c: f"{c['method']}_noise{c['noise']:g}", same=result_fields(cfg, grid=False))
 
     def write(result):
-        write_results(Path(out_dir) / "results.json", task="toy", config=cfg, runs=result.runs,
+        write_results(Path(out_dir) / "results.json", task="toy", config=cfg, runs=result.all_runs(),
                       extra={"group_by": ["method", "noise"], "sweep": result.record()}, started=started)
 
     def cell(c):

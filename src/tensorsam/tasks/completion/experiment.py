@@ -83,7 +83,7 @@ def run_completion(cfg: CompletionConfig, out_dir=None, *, resume: bool = False,
 
     def write(result):
         extra = {**_extra(cfg, data.record()), "sweep": result.record()}
-        write_results(Path(out_dir) / "results.json", task="completion", config=cfg, runs=result.runs,
+        write_results(Path(out_dir) / "results.json", task="completion", config=cfg, runs=result.all_runs(),
                       extra=extra, started=started)
 
     result = sweep.run(cell, write, progress=progress)

@@ -281,7 +281,7 @@ def run_compress(cfg: CompressConfig, out_dir=None, *, resume: bool = False, pro
         return {**record, "acc_dense": acc_dense, "data": data.record}, None
 
     def write(result):
-        write_results(out / "results.json", task="compress", config=cfg, runs=result.runs,
+        write_results(out / "results.json", task="compress", config=cfg, runs=result.all_runs(),
                       extra={"source": source.record, "compressions": records,
                              "sweep": result.record(), "device": str(info.device), "world_size": info.world_size},
                       started=started)

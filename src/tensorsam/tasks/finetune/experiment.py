@@ -415,7 +415,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir=None, *, resume: bool = False, pro
         return record, None
 
     def write(result):
-        write_results(Path(out_dir) / "results.json", task="finetune", config=cfg, runs=result.runs,
+        write_results(Path(out_dir) / "results.json", task="finetune", config=cfg, runs=result.all_runs(),
                       extra={"sweep": result.record(), "device": _device(cfg)}, started=started)
 
     result = sweep.run(cell_fn, write, progress=progress)

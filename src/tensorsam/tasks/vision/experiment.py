@@ -176,7 +176,7 @@ def run_vision(cfg: VisionConfig, out_dir=None, *, resume: bool = False, progres
         return record, None
 
     def write(result):
-        write_results(Path(out_dir) / "results.json", task="vision", config=cfg, runs=result.runs,
+        write_results(Path(out_dir) / "results.json", task="vision", config=cfg, runs=result.all_runs(),
                       extra={"sweep": result.record(), "device": str(info.device),
                              "world_size": info.world_size}, started=started)
 
