@@ -214,9 +214,10 @@ def test_saved_chain_choice_replays_and_is_refused_where_missing(monkeypatch):
         ttm.set_extra_state(state)
 
 
-def test_chain_under_autocast():
+@pytest.mark.parametrize("fmt", ["tucker", "tr"])
+def test_chain_under_autocast(fmt):
     torch.manual_seed(0)
-    layer = TensorizedConv2d(8, 8, 3, format="tucker", rank=3, padding=1, forward_mode="chain")
+    layer = TensorizedConv2d(8, 8, 3, format=fmt, rank=3, padding=1, forward_mode="chain")
     x = torch.randn(2, 8, 5, 5)
     ref = layer(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -192,16 +192,3 @@ def test_auto_leaves_the_tr_rank_15_chain_alone(monkeypatch):
     monkeypatch.setattr(layer, "time_modes", lambda *a, **k: pytest.fail("timed a mode the estimate rules out"))
     with torch.no_grad():
         assert layer.choose_mode(torch.empty(128, 32, 16, 16)) == "reconstructed"
-
-
-def test_tr_chain_under_autocast():
-    torch.manual_seed(0)
-    layer = TensorizedConv2d(8, 8, 3, format="tr", rank=3, padding=1, forward_mode="chain")
-    x = torch.randn(2, 8, 5, 5)
-    ref = layer(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = layer(x)
-    assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)
-    y.float().sum().backward()
-    assert all(p.grad.dtype == torch.float32 for p in layer.parameters())
