@@ -24,6 +24,20 @@ CASES = [
     (8, 6, 3, 1, 1, 1, 3, ((2, 4), (3, 2))),  # several in and out modes
     (3, 8, 3, 1, 1, 1, 4, None),          # Tucker: rank capped at C_in, the first 1x1 folded
 ]
+TRAIN_CASES = [  # TT and TR
+    (4, 6, 3, 1, 1, 1, 1, None),
+    (4, 6, 3, 2, 1, 1, 2, None),
+    (6, 4, 3, 1, 0, 1, 3, None),
+    (5, 3, 1, 1, 0, 1, 2, None),
+    (5, 3, 1, 2, 1, 1, 3, None),
+    (8, 12, 1, 2, 0, 1, 2, ((2, 2, 2), (3, 4))),   # 1x1, several in and out modes
+    (4, 6, (2, 3), 2, 1, 2, 2, None),              # non-square kernel, dilation
+    (8, 6, 3, 1, 1, 1, 3, ((2, 4), (3, 2))),       # several in and out modes
+    (8, 6, 3, 2, 2, 2, 2, ((2, 2, 2), (6,))),      # several in modes, one out mode
+    (3, 16, 3, 1, 1, 1, 4, ((3,), (4, 4))),        # TR: r_0 r_a >= C_in, the first 1x1 folded
+    (16, 3, 3, 2, 1, 1, 4, ((4, 4), (3,))),        # TR: the last 1x1 folded
+]
+FORMAT_CASES = [(f, c) for f in ("cp", "tucker") for c in CASES] + [(f, c) for f in ("tt", "tr") for c in TRAIN_CASES]
 
 
 @pytest.fixture
@@ -35,13 +49,22 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def check_equal(layer, x):
+    """The chain's output equals the reconstructed weight's and F.conv2d's with the dense weight."""
+    ref = layer.forward_reconstructed(x)
+    y = layer.forward_chain(x)
+    assert y.shape == ref.shape
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(y, F.conv2d(x, layer.dense_weight(), layer.bias, layer.stride, layer.padding,
+                                           layer.dilation), rtol=1e-10, atol=1e-12)
+
+
 def _layer(fmt, c_in, c_out, k, stride, padding, dilation, rank, shape, **kw):
     return TensorizedConv2d(c_in, c_out, k, format=fmt, rank=rank, shape=shape, stride=stride, padding=padding,
                             dilation=dilation, dtype=F64, **kw)
 
 
-@pytest.mark.parametrize("fmt", ["cp", "tucker"])
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("fmt, case", FORMAT_CASES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_chain_equals_reconstructed(fmt, case, bias):
     torch.manual_seed(0)
@@ -49,23 +72,19 @@ def test_chain_equals_reconstructed(fmt, case, bias):
     if bias:
         torch.nn.init.normal_(layer.bias)
     x = torch.randn(2, case[0], 7, 6, dtype=F64)
-    ref = layer.forward_reconstructed(x)
-    y = layer.forward_chain(x)
-    assert y.shape == ref.shape
-    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(y, F.conv2d(x, layer.dense_weight(), layer.bias, layer.stride, layer.padding,
-                                           layer.dilation), rtol=1e-10, atol=1e-12)
+    check_equal(layer, x)
     layer.forward_mode = "chain"
-    torch.testing.assert_close(layer(x), ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer(x), layer.forward_reconstructed(x), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("fmt", ["cp", "tucker"])
-def test_tucker_rank_per_mode_and_chain_gradients_match(fmt):
+@pytest.mark.parametrize("fmt, c_in, rank, shape", [
+    ("cp", 5, 3, None), ("tucker", 5, (2, 3, 4), None),
+    ("tt", 8, (2, 3, 4, 5), ((2, 4), (3, 2))), ("tr", 8, (2, 3, 4, 5, 3), ((2, 4), (3, 2)))])
+def test_rank_per_mode_and_chain_gradients_match(fmt, c_in, rank, shape):
     """Gradients of the chain equal those of the reconstructed path (input, cores and bias)."""
     torch.manual_seed(1)
-    rank = (2, 3, 4) if fmt == "tucker" else 3
-    layer = TensorizedConv2d(5, 6, 3, format=fmt, rank=rank, stride=2, padding=1, dtype=F64)
-    x = torch.randn(2, 5, 8, 7, dtype=F64, requires_grad=True)
+    layer = TensorizedConv2d(c_in, 6, 3, format=fmt, rank=rank, shape=shape, stride=2, padding=1, dtype=F64)
+    x = torch.randn(2, c_in, 8, 7, dtype=F64, requires_grad=True)
     g = torch.randn_like(layer.forward_reconstructed(x))
     params = [x, *layer.parameters()]
     ref = torch.autograd.grad(layer.forward_reconstructed(x), params, g)
@@ -74,12 +93,13 @@ def test_tucker_rank_per_mode_and_chain_gradients_match(fmt):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("fmt", ["cp", "tucker"])
-@pytest.mark.parametrize("c_in, c_out, k, stride, padding, rank", [
-    (4, 3, 3, 2, 1, 2), (3, 4, 3, 1, 0, 1), (4, 3, 1, 2, 1, 2), (3, 5, (1, 3), 1, 1, 3)])
-def test_chain_gradcheck(one_thread, fmt, c_in, c_out, k, stride, padding, rank):
+@pytest.mark.parametrize("fmt", ["cp", "tucker", "tt", "tr"])
+@pytest.mark.parametrize("c_in, c_out, k, stride, padding, rank, shape", [
+    (4, 3, 3, 2, 1, 2, None), (3, 4, 3, 1, 0, 1, None), (4, 3, 1, 2, 1, 2, None), (3, 5, (1, 3), 1, 1, 3, None),
+    (4, 6, 3, 1, 0, 2, ((2, 2), (3, 2))), (4, 3, 1, 2, 1, 2, ((2, 2), (3,)))])
+def test_chain_gradcheck(one_thread, fmt, c_in, c_out, k, stride, padding, rank, shape):
     torch.manual_seed(0)
-    layer = TensorizedConv2d(c_in, c_out, k, format=fmt, rank=rank, stride=stride, padding=padding,
+    layer = TensorizedConv2d(c_in, c_out, k, format=fmt, rank=rank, shape=shape, stride=stride, padding=padding,
                              forward_mode="chain", dtype=F64)
     x = torch.randn(1, c_in, 4, 3, dtype=F64, requires_grad=True)
     names = [n for n, _ in layer.named_parameters()]

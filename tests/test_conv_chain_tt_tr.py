@@ -5,7 +5,7 @@ output and gradients equal the reconstructed-weight path, and ``auto`` costs the
 import pytest
 import torch
 import torch.nn.functional as F
-from test_conv_chain import F64, _layer, one_thread  # noqa: F401 (one_thread: a fixture)
+from test_conv_chain import F64, _layer, check_equal, one_thread  # noqa: F401 (one_thread: a fixture)
 
 from tensorsam.nn import TensorizedConv2d
 from tensorsam.nn import auto as auto_mod
@@ -13,49 +13,12 @@ from tensorsam.nn import chain as chain_mod
 from tensorsam.tensors import TR, TT
 
 FORMATS = ["tt", "tr"]
-# (C_in, C_out, kernel, stride, padding, dilation, rank, shape)
-CASES = [
-    (4, 6, 3, 1, 1, 1, 1, None),
-    (4, 6, 3, 2, 1, 1, 2, None),
-    (6, 4, 3, 1, 0, 1, 3, None),
-    (5, 3, 1, 1, 0, 1, 2, None),
-    (5, 3, 1, 2, 1, 1, 3, None),
-    (8, 12, 1, 2, 0, 1, 2, ((2, 2, 2), (3, 4))),   # 1x1, several in and out modes
-    (4, 6, (2, 3), 2, 1, 2, 2, None),              # non-square kernel, dilation
-    (8, 6, 3, 1, 1, 1, 3, ((2, 4), (3, 2))),       # several in and out modes
-    (8, 6, 3, 2, 2, 2, 2, ((2, 2, 2), (6,))),      # several in modes, one out mode
-    (3, 16, 3, 1, 1, 1, 4, ((3,), (4, 4))),        # TR: r_0 r_a >= C_in, the first 1x1 folded
-    (16, 3, 3, 2, 1, 1, 4, ((4, 4), (3,))),        # TR: the last 1x1 folded
-]
 # unequal ranks: TT's N-1 inner ranks, TR's N ring ranks for shape (2, 4, 9, 3, 2)
 RANKS = {"tt": (2, 3, 4, 5), "tr": (2, 3, 4, 5, 3)}
 
 
 def stages(layer):
     return [(s.in_channels, s.out_channels, s.groups, s.kernel, s.spatial) for s in layer._conv_chain().stages]
-
-
-def check_equal(layer, x):
-    ref = layer.forward_reconstructed(x)
-    y = layer.forward_chain(x)
-    assert y.shape == ref.shape
-    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(y, F.conv2d(x, layer.dense_weight(), layer.bias, layer.stride, layer.padding,
-                                           layer.dilation), rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("bias", [True, False])
-def test_chain_equals_reconstructed(fmt, case, bias):
-    torch.manual_seed(0)
-    layer = _layer(fmt, *case, bias=bias)
-    if bias:
-        torch.nn.init.normal_(layer.bias)
-    x = torch.randn(2, case[0], 7, 6, dtype=F64)
-    check_equal(layer, x)
-    layer.forward_mode = "chain"
-    torch.testing.assert_close(layer(x), layer.forward_reconstructed(x), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -65,39 +28,6 @@ def test_chain_with_unequal_ranks(fmt, k, stride, padding):
     layer = _layer(fmt, 8, 6, k, stride, padding, 1, RANKS[fmt], ((2, 4), (3, 2)), bias=True)
     torch.nn.init.normal_(layer.bias)
     check_equal(layer, torch.randn(2, 8, 7, 6, dtype=F64))
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_chain_gradients_match(fmt):
-    """Gradients of the chain equal those of the reconstructed path (input, cores and bias)."""
-    torch.manual_seed(1)
-    layer = _layer(fmt, 8, 6, 3, 2, 1, 1, RANKS[fmt], ((2, 4), (3, 2)), bias=True)
-    x = torch.randn(2, 8, 8, 7, dtype=F64, requires_grad=True)
-    g = torch.randn_like(layer.forward_reconstructed(x))
-    params = [x, *layer.parameters()]
-    ref = torch.autograd.grad(layer.forward_reconstructed(x), params, g)
-    got = torch.autograd.grad(layer.forward_chain(x), params, g)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("c_in, c_out, k, stride, padding, rank, shape", [
-    (4, 3, 3, 2, 1, 2, None), (4, 6, 3, 1, 0, 2, ((2, 2), (3, 2))), (4, 3, 1, 2, 1, 2, ((2, 2), (3,))),
-    (3, 4, (1, 3), 1, 1, 3, None)])
-def test_chain_gradcheck(fmt, c_in, c_out, k, stride, padding, rank, shape):
-    torch.manual_seed(0)
-    layer = TensorizedConv2d(c_in, c_out, k, format=fmt, rank=rank, shape=shape, stride=stride, padding=padding,
-                             forward_mode="chain", dtype=F64)
-    x = torch.randn(1, c_in, 4, 3, dtype=F64, requires_grad=True)
-    names = [n for n, _ in layer.named_parameters()]
-    params = [p.detach().clone().requires_grad_(True) for _, p in layer.named_parameters()]
-
-    def f(x, *ps):
-        return torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
-
-    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5)
 
 
 @pytest.mark.usefixtures("one_thread")
