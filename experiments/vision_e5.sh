@@ -3,6 +3,8 @@
 # continues where it stopped (finished cells are kept).  Stages:
 #   pilot  - one seed at 60 % noise: SAM's rho and DAS's alpha chosen on the *validation* split over
 #            named grids: rho in {0.2, 1, 4} x the paper's 0.05, alpha in {0.1, 1, 10} x the paper's 0.1;
+#   pilot-wide - one more value past each grid edge: rho in {8, 16} x 0.05, alpha in {0.01, 0.03} x 0.1;
+#   authors - DAS in the authors' variant at their alpha (ALPHA_AUTHORS, default 0.1), a column apart;
 #   main   - METHODS (default sgd,sam,das,rebalance,sam-every-2,sam-every-5) x SEEDS (default 1,2,3) at noise
 #            $NOISE with the chosen RHO and ALPHA, into $OUT/noise-$NOISE[-$TAG] (run seeds side by
 #            side in separate dirs with SEEDS=... TAG=...; `tensorsam report` pools the dirs).
@@ -11,7 +13,7 @@
 # at every evaluation (every 2 epochs) and the full 10k test set at the end; 30 epochs of SGD (momentum 0.9, wd 5e-4, lr 0.05,
 # cosine, batch 128) without augmentation, so that SGD memorises the wrong labels.
 set -euo pipefail
-stage=${1:?usage: experiments/vision_e5.sh pilot|pilot-rho|pilot-alpha|main}
+stage=${1:?usage: experiments/vision_e5.sh pilot|pilot-rho|pilot-alpha|pilot-wide|authors|main}
 OUT=${OUT:-runs/e5}
 NOISE=${NOISE:-0.6}
 RHO=${RHO:-0.05}
@@ -29,6 +31,16 @@ case "$stage" in
     for alpha in 0.01 0.1 1; do
       tensorsam "${common[@]}" --methods das --seeds 1 --label-noise 0.6 --set alpha=$alpha --out "$OUT/pilot/alpha-$alpha"
     done ;;
+  pilot-wide)     # one step past each edge of the grids above (0.2 and 0.01 were chosen at their edges)
+    for rho in 0.4 0.8; do
+      tensorsam "${common[@]}" --methods sam --seeds 1 --label-noise 0.6 --set rho=$rho --out "$OUT/pilot/rho-$rho"
+    done
+    for alpha in 0.001 0.003; do
+      tensorsam "${common[@]}" --methods das --seeds 1 --label-noise 0.6 --set alpha=$alpha --out "$OUT/pilot/alpha-$alpha"
+    done ;;
+  authors)        # the authors' DAS (per-group u, divided by the gradient norm) at their alpha (0.1)
+    tensorsam "${common[@]}" --methods das --seeds "${SEEDS:-1,2,3}" --label-noise "$NOISE" \
+      --set das_variant=authors --set alpha=${ALPHA_AUTHORS:-0.1} --out "$OUT/authors-noise-$NOISE${TAG:+-$TAG}" ;;
   main)
     tensorsam "${common[@]}" --methods "${METHODS:-sgd,sam,das,rebalance,sam-every-2,sam-every-5}" --seeds "${SEEDS:-1,2,3}" \
       --label-noise "$NOISE" --set rho=$RHO --set alpha=$ALPHA --out "$OUT/noise-$NOISE${TAG:+-$TAG}" ;;
