@@ -47,20 +47,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("grids", nargs="+", type=Path)
     parser.add_argument("--to", required=True, type=Path)
-    parser.add_argument("--merge", type=Path, help="also write the cells' runs as one results file of --task "
-                        "(for `tensorsam report`), marked partial in its notes")
+    parser.add_argument("--merge", type=Path, help="also write the runs of every cell record in --to (these "
+                        "grids' and any exported before) as one results file of --task (for `tensorsam "
+                        "report`), marked partial in its notes")
     parser.add_argument("--task", default="vision", help="the grids' task: vision (default), compress or finetune")
     args = parser.parse_args()
-    runs, config = [], None
+    config = None
     for grid in args.grids:
         for tag, cell in finished_cells(grid).items():
             atomic_write_json(args.to / f"{tag}.json", {"grid": str(grid), **cell})
-            runs.append(cell["run"])
             config = config or cell["config"]
             print(f"{grid}: {tag}")
-    if args.merge:
-        atomic_write_json(args.merge, {"task": args.task, "config": config, "runs": runs, "notes": [
-            (f"Merged from the finished cells of {', '.join(map(str, args.grids))} by experiments/export_cells.py; "
+    if args.merge:   # every record in --to, so cells exported earlier (from grids since removed) stay in
+        cells = [json.loads(f.read_text()) for f in sorted(args.to.glob("*.json"))]
+        atomic_write_json(args.merge, {"task": args.task, "config": config or cells[0]["config"],
+                                       "runs": [c["run"] for c in cells], "notes": [
+            (f"Merged from the {len(cells)} cell records in {args.to} by experiments/export_cells.py; "
              "the grid may be partial: count the runs per cell (n) before reading a mean.")]})
 
 
