@@ -46,7 +46,7 @@ def test_tr_chain_double_backward():
 
 def test_chain_stages():
     """TT: 1x1 C_in -> r_a, dense k x k r_a -> r_b, 1x1 r_b -> C_out.  TR: r_0 r_a channels, the
-    kernel conv grouped by r_0 with the kernel core repeated per group.  A 1x1 stage is folded into
+    kernel conv grouped by r_0, one kernel core for every group (the groups folded into the batch).  A 1x1 stage is folded into
     the kernel conv where that costs fewer multiply-adds, and a 1x1 kernel's first stage is strided."""
     tt = TensorizedConv2d(32, 16, 3, format="tt", rank=4, padding=1)
     assert tt.tensor_shape == (8, 4, 9, 16)
@@ -55,8 +55,9 @@ def test_chain_stages():
     assert stages(tt_ranks) == [(32, 3, 1, (1, 1), False), (3, 5, 1, (3, 3), True), (5, 16, 1, (1, 1), False)]
     tr = TensorizedConv2d(32, 32, 3, format="tr", rank=(2, 3, 4, 5, 6), padding=1)
     assert stages(tr) == [(32, 8, 1, (1, 1), False), (8, 10, 2, (3, 3), True), (10, 32, 1, (1, 1), False)]
-    w = tr._conv_chain().stages[1].weight(tr.cores[2])
-    assert w.shape == (10, 4, 3, 3) and torch.equal(w[:5], w[5:])  # the same kernel core for both groups
+    kernel_stage = tr._conv_chain().stages[1]
+    assert kernel_stage.fold == 2   # the same kernel core for both ring groups: folded into the batch
+    assert kernel_stage.weight(tr.cores[2]).shape == (5, 4, 3, 3)
     folded_in = TensorizedConv2d(3, 16, 3, format="tr", rank=4, shape=((3,), (4, 4)), padding=1)
     assert stages(folded_in) == [(3, 16, 1, (3, 3), True), (16, 16, 1, (1, 1), False)]
     folded_out = TensorizedConv2d(16, 3, 3, format="tr", rank=4, shape=((4, 4), (3,)), padding=1)

@@ -10,8 +10,9 @@
 * TT (Garipov et al., 2016) and TR (Wang et al., CVPR 2018): the cores lie along the train (ring)
   as in modes, kernel, out modes.  A 1x1 conv contracts C_in with the in-mode cores into the bond
   that leaves them towards the kernel core, r_a (TR: times the ring-closing bond r_0); the kernel
-  core makes a k_h x k_w conv r_a -> r_b (TR: the r_0 channels pass through it, a grouped conv
-  with ``groups=r_0`` whose weight is the kernel core repeated per group); a 1x1 conv contracts
+  core makes a k_h x k_w conv r_a -> r_b (TR: the r_0 channels pass through it: the same map for
+  each of the r_0 channel blocks, run as one conv r_a -> r_b on a batch r_0 times larger, the blocks
+  folded into the batch by a view); a 1x1 conv contracts
   the bonds with the out-mode cores into C_out.  About (C_in r_a + r_a k_h k_w r_b + r_b C_out) r_0
   multiply-adds per pixel (r_0 = 1 for TT).  Of this chain and the two that fold a 1x1 stage into
   the kernel stage (a dense conv), the fewest multiply-adds (and activations) per pixel is run.
@@ -66,24 +67,11 @@ class _Rearrange:
 
 
 @dataclass(frozen=True)
-class _Repeat:
-    """The weight of a grouped stage whose groups share one map (TR's kernel stage, the ring-closing
-    bond passing through it): ``inner``'s weight for one group, repeated ``times`` along the output
-    channels by an expand (its backward sums the groups' gradients)."""
-
-    inner: Contraction | _Rearrange
-    times: int
-    out_shape: tuple[int, ...]
-    cost: float = 0.0
-
-    def __call__(self, *cores: torch.Tensor) -> torch.Tensor:
-        w = self.inner(*cores)
-        return w.unsqueeze(0).expand(self.times, *w.shape).reshape(self.out_shape)
-
-
-@dataclass(frozen=True)
 class Stage:
-    """One ``F.conv2d`` of the chain: its weight is ``weight(*cores[i] for i in cores)``."""
+    """One ``F.conv2d`` of the chain: its weight is ``weight(*cores[i] for i in cores)``.  The
+    channels are ``groups`` groups; the first axis of ``fold`` blocks of them share one map (TR's
+    ring-closing bond passing the kernel stage), so the conv runs on the blocks folded into the
+    batch, ``(N, fold * C, H, W) -> (N * fold, C, H, W)``, a view, with ``groups // fold`` groups."""
 
     cores: tuple[int, ...]
     weight: Contraction | _Rearrange
@@ -92,6 +80,7 @@ class Stage:
     groups: int
     kernel: tuple[int, int]  # (1, 1) except on the spatial stage
     spatial: bool  # takes the layer's stride, padding and dilation
+    fold: int = 1
 
 
 @dataclass(frozen=True)
@@ -107,10 +96,15 @@ class ConvChain:
         for i, s in enumerate(self.stages):
             w = s.weight(*(cores[j] for j in s.cores))
             b = bias if i == last else None
+            n = x.shape[0]
+            if s.fold > 1:
+                x = x.reshape(n * s.fold, -1, *x.shape[2:])
             if s.spatial:
-                x = F.conv2d(x, w, b, stride, padding, dilation, s.groups)
+                x = F.conv2d(x, w, b, stride, padding, dilation, s.groups // s.fold)
             else:
-                x = F.conv2d(x, w, b, 1, 0, 1, s.groups)
+                x = F.conv2d(x, w, b, 1, 0, 1, s.groups // s.fold)
+            if s.fold > 1:
+                x = x.reshape(n, -1, *x.shape[2:])
         return x
 
     def cost(self, x_shape: Sequence[int], out_hw: tuple[int, int]) -> float:
@@ -264,8 +258,5 @@ def _stage(step: _Step, spatial: bool, k_core: int, k_labels, kernel_size, core_
                             MEMORY_WEIGHT * math.prod(out_shape))
     else:
         weight = compile_contraction(operands, [core_shapes[i] for i in step.cores], labels, out_shape)
-    if repeat:
-        full = (numel(repeat) * out_shape[0], *out_shape[1:])
-        weight = _Repeat(weight, numel(repeat), full, weight.cost + MEMORY_WEIGHT * math.prod(full))
     return Stage(step.cores, weight, numel(step.inputs), numel(step.outputs), numel(step.shared), kernel,
-                 spatial)
+                 spatial, numel(repeat))
