@@ -256,6 +256,7 @@ def bench_layers(peers: dict, args, log) -> tuple[list[dict], list[dict]]:
     hw = 8 if args.quick else 16
     cases = [("linear", fmt, r, None) for fmt in ("cp", "ttm", "tucker", "tr") for r in lin_ranks]
     cases += [("conv", fmt, r, c) for c in channels for fmt in ("cp", "tt", "tr", "tucker") for r in conv_ranks]
+    cases = [case for case in cases if f"{case[0]}-{case[1]}" in args.only or not args.only]
     for kind, fmt, rank, c in cases:
         torch.manual_seed(0)
         if kind == "linear":
@@ -394,10 +395,17 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS, help="JSON results")
     p.add_argument("--skip-layers", action="store_true")
     p.add_argument("--skip-networks", action="store_true")
+    p.add_argument("--only", default="", help="comma-separated layer rows to time, as kind-format (e.g. "
+                   "conv-tr,linear-ttm); default all")
     p.add_argument("--clock", choices=tuple(layers.CLOCKS), default="wall",
                    help="wall: time.perf_counter; cpu: this process's CPU time (time.process_time), for a "
                    "machine shared with other jobs; needs --threads 1")
     args = p.parse_args(argv)
+    args.only = [x for x in args.only.split(",") if x]
+    known = {f"{k}-{f}" for k, fs in (("linear", ("cp", "ttm", "tucker", "tr")), ("conv", ("cp", "tt", "tr", "tucker")))
+             for f in fs}
+    if set(args.only) - known:
+        p.error(f"--only: unknown rows {sorted(set(args.only) - known)}; expected some of {sorted(known)}")
     if args.clock == "cpu" and args.threads != 1:
         p.error("--clock cpu needs --threads 1 (CPU time sums over threads)")
     layers.clock = layers.CLOCKS[args.clock]
