@@ -50,7 +50,12 @@ def rows(runs: list[dict]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", type=Path)
-    runs = [r for f in parser.parse_args().results for r in json.loads(f.read_text())["runs"]]
+    runs = []
+    for f in parser.parse_args().results:
+        data = json.loads(f.read_text())
+        authors = (data.get("config") or {}).get("das_variant") == "authors"
+        # the authors' DAS variant is a column of its own
+        runs += [{**r, "method": "das (authors)"} if authors and r["method"] == "das" else r for r in data["runs"]]
     print("| noise | method | n | final | at best val | per seed (final) | noisy / clean train |")
     print("|---|---|---|---|---|---|---|")
     print("\n".join(rows(runs)))
