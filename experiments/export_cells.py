@@ -34,8 +34,9 @@ def finished_cells(grid: Path) -> dict[str, dict]:
     results = grid / "results.json"
     if results.is_file():
         data = json.loads(results.read_text())
-        for run in data["runs"]:
-            cells[_tag(run, data.get("task", "vision"))] = {"config": data["config"], "run": run}
+        for run in data["runs"]:   # provenance: the grid's commit, versions, command and machine
+            cells[_tag(run, data.get("task", "vision"))] = {"config": data["config"],
+                                                           "provenance": data.get("provenance"), "run": run}
     settings = grid / ".work" / "settings.json"
     config = json.loads(settings.read_text()) if settings.is_file() else None
     for done in sorted((grid / ".work").glob("*.pt")):
@@ -60,8 +61,9 @@ def main() -> None:
             print(f"{grid}: {tag}")
     if args.merge:   # every record in --to, so cells exported earlier (from grids since removed) stay in
         cells = [json.loads(f.read_text()) for f in sorted(args.to.glob("*.json"))]
+        commits = {c["grid"]: (c.get("provenance") or {}).get("git_commit", "not recorded") for c in cells}
         atomic_write_json(args.merge, {"task": args.task, "config": config or cells[0]["config"],
-                                       "runs": [c["run"] for c in cells], "notes": [
+                                       "runs": [c["run"] for c in cells], "grid_commits": commits, "notes": [
             (f"Merged from the {len(cells)} cell records in {args.to} by experiments/export_cells.py; "
              "the grid may be partial: count the runs per cell (n) before reading a mean.")]})
 
