@@ -28,6 +28,12 @@ def _tag(run: dict, task: str) -> str:
     return f"{run['method']}_{run['format']}{run['rank']}_p{run['label_noise']:g}_seed{run['seed']}"
 
 
+def _order(method: str) -> tuple:
+    """SGD first, then SAM, DAS and the rest as the tables list them."""
+    known = ("sgd", "adam", "sam", "asam", "das", "rebalance", "nbar", "obar")
+    return (known.index(method), "") if method in known else (len(known), method)
+
+
 def finished_cells(grid: Path) -> dict[str, dict]:
     """``{tag: record}`` of the finished cells of one grid directory."""
     cells = {}
@@ -61,8 +67,13 @@ def main() -> None:
             print(f"{grid}: {tag}")
     if args.merge:   # every record in --to, so cells exported earlier (from grids since removed) stay in
         cells = [json.loads(f.read_text()) for f in sorted(args.to.glob("*.json"))]
+        config = dict(config or cells[0]["config"])
+        for key in ("methods", "seeds", "label_noises", "formats", "ranks"):   # the union over the cells' grids
+            values = [v for c in cells for v in (c["config"] or {}).get(key, ())]
+            if values:
+                config[key] = sorted(dict.fromkeys(values), key=_order if key == "methods" else None)
         commits = {c["grid"]: (c.get("provenance") or {}).get("git_commit", "not recorded") for c in cells}
-        atomic_write_json(args.merge, {"task": args.task, "config": config or cells[0]["config"],
+        atomic_write_json(args.merge, {"task": args.task, "config": config,
                                        "runs": [c["run"] for c in cells], "grid_commits": commits, "notes": [
             (f"Merged from the {len(cells)} cell records in {args.to} by experiments/export_cells.py; "
              "the grid may be partial: count the runs per cell (n) before reading a mean.")]})
