@@ -10,34 +10,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
-METHODS = ("sgd", "sam", "das", "rebalance", "sam-every-2", "sam-every-5")
+from tensorsam.tasks.vision.report import methods_of, noises_of, select, stats
 
 
-def _ms(values: list[float], bold: bool = False) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    text = f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
-    return f"**{text}**" if bold else text
+def _ms(runs, key: str) -> str:
+    mean, std, k, _ = stats(runs, key, 100.0)
+    return f"{mean:.1f}" if k == 1 else f"{mean:.1f} ± {std:.1f}"
 
 
-def rows(runs: list[dict]) -> list[str]:
+def rows(results: dict) -> list[str]:
     out, diffs = [], []
-    for p in sorted({r["label_noise"] for r in runs}):
-        at_p = [r for r in runs if r["label_noise"] == p and r.get("status", "ok") == "ok"]
-        sgd = {r["seed"]: r for r in at_p if r["method"] == "sgd"}
-        for m in [m for m in METHODS if any(r["method"] == m for r in at_p)] + sorted(
-                {r["method"] for r in at_p} - set(METHODS)):
-            rs = sorted((r for r in at_p if r["method"] == m), key=lambda r: r["seed"])
-            final = [100 * r["final_test_acc"] for r in rs]
-            best = [100 * r["test_acc_at_best_val"] for r in rs]
-            noisy = statistics.mean(100 * r["final_train_acc_noisy"] for r in rs)
-            clean = statistics.mean(100 * r["final_train_acc_clean"] for r in rs)
-            seeds = ", ".join(f"{v:.1f}" for v in final)
-            out.append(f"| {100 * p:.0f} % | {m} | {len(rs)} | {_ms(final)} | {_ms(best)} | {seeds} | {noisy:.0f} / {clean:.0f} |"
-                       )
+    for p in noises_of(results["runs"]):
+        at_p = [r for r in select(results["runs"], label_noise=p) if r.get("status", "ok") == "ok"]
+        sgd = {r["seed"]: r for r in select(at_p, method="sgd")}
+        for m in methods_of({**results, "runs": at_p}):
+            rs = sorted(select(at_p, method=m), key=lambda r: r["seed"])
+            seeds = ", ".join(f"{100 * r['final_test_acc']:.1f}" for r in rs)
+            noisy, clean = stats(rs, "final_train_acc_noisy", 100.0)[0], stats(rs, "final_train_acc_clean", 100.0)[0]
+            out.append(f"| {100 * p:.0f} % | {m} | {len(rs)} | {_ms(rs, 'final_test_acc')} | "
+                       f"{_ms(rs, 'test_acc_at_best_val')} | {seeds} | {noisy:.0f} / {clean:.0f} |")
             if m != "sgd":
                 d = [(r["seed"], 100 * (r["final_test_acc"] - sgd[r["seed"]]["final_test_acc"]),
                       100 * (r["test_acc_at_best_val"] - sgd[r["seed"]]["test_acc_at_best_val"]))
@@ -50,7 +43,7 @@ def rows(runs: list[dict]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", type=Path)
-    runs = []
+    runs, methods = [], ["sgd", "sam", "das", "rebalance", "sam-every-2", "sam-every-5"]
     for f in parser.parse_args().results:
         data = json.loads(f.read_text())
         authors = (data.get("config") or {}).get("das_variant") == "authors"
@@ -58,7 +51,7 @@ def main() -> None:
         runs += [{**r, "method": "das (authors)"} if authors and r["method"] == "das" else r for r in data["runs"]]
     print("| noise | method | n | final | at best val | per seed (final) | noisy / clean train |")
     print("|---|---|---|---|---|---|---|")
-    print("\n".join(rows(runs)))
+    print("\n".join(rows({"config": {"methods": methods}, "runs": runs})))
 
 
 if __name__ == "__main__":
