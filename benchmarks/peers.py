@@ -306,12 +306,15 @@ def bench_networks(peers: dict, args, log) -> tuple[list[dict], list[dict]]:
         others[f"tednet TRResNet{depth} (ranks {rank})"] = quiet(lambda: cls([rank] * 7, 10))
     else:
         left_out.append({"case": f"TR-ResNet-{depth} SGD step", "peer": "tednet", "reason": "tednet not importable"})
-    timed = {label: (m, None, train_step(m, x, y)) for label, m in others.items()}
     case = f"TR-ResNet-{depth} rank {rank}, SGD step, {b}x3x{hw}x{hw}"
-    got = time_row("network", case, ours, train_step(ours, x, y), timed, args.rounds, args.warmup)
-    rows += got
-    for r in got:
-        log(f"  {case:44} vs {r['peer']:34} ours/peer {r['ratio']['median']:.2f}")
+    if not args.only or "network-tr" in args.only:
+        timed = {label: (m, None, train_step(m, x, y)) for label, m in others.items()}
+        got = time_row("network", case, ours, train_step(ours, x, y), timed, args.rounds, args.warmup)
+        rows += got
+        for r in got:
+            log(f"  {case:44} vs {r['peer']:34} ours/peer {r['ratio']['median']:.2f}")
+    if args.only and "sam" not in args.only:
+        return rows, left_out
 
     case = f"SAM full step (rho {RHO}, over SGD) on TR-ResNet-{depth}, {b}x3x{hw}x{hw}"
     if "pytorch_optimizer" not in peers:
@@ -340,16 +343,32 @@ def bench_networks(peers: dict, args, log) -> tuple[list[dict], list[dict]]:
 
     samples = interleaved_samples({k: timed_step(k) for k in models}, args.rounds, args.warmup)
     med = {k: statistics.median(v) for k, v in samples.items()}
+
+    def alone(k):  # the optimizer's own work: ascent, restore and base step with the gradients fixed
+        def run() -> float:
+            t0 = layers.clock()
+            opts[k].first_step()
+            opts[k].second_step()
+            return layers.clock() - t0
+
+        return run
+
+    for k in ("ours", "peer"):
+        closures[k]()
+    alone_samples = interleaved_samples({k: alone(k) for k in ("ours", "peer")}, args.rounds, args.warmup)
     row = {"group": "optimizer", "case": case, "ours_params": count_parameters(ours), "ours_mode": None,
            "ours_ms": 1e3 * med["ours"], "peer": "pytorch_optimizer.SAM", "peer_params": count_parameters(ours),
            "peer_rank": None, "peer_ms": 1e3 * med["peer"],
            "ratio": summary([a / b for a, b in zip(samples["ours"], samples["peer"])]),
            "ours_over_sgd": summary([a / b for a, b in zip(samples["ours"], samples["sgd"])]),
            "peer_over_sgd": summary([a / b for a, b in zip(samples["peer"], samples["sgd"])]),
+           "optimizer_alone_ms": {k: 1e3 * statistics.median(v) for k, v in alone_samples.items()},
+           "optimizer_alone_ratio": summary([a / b for a, b in zip(alone_samples["ours"], alone_samples["peer"])]),
            "samples_s": samples}
     rows.append(row)
     log(f"  {case:44} vs {row['peer']:34} ours/peer {row['ratio']['median']:.2f} (SAM/SGD: ours "
-        f"{row['ours_over_sgd']['median']:.2f}, peer {row['peer_over_sgd']['median']:.2f})")
+        f"{row['ours_over_sgd']['median']:.2f}, peer {row['peer_over_sgd']['median']:.2f}; optimizer alone "
+        f"{row['optimizer_alone_ms']['ours']:.1f} against {row['optimizer_alone_ms']['peer']:.1f} ms)")
     return rows, left_out
 
 
@@ -374,7 +393,10 @@ def markdown(rows: list[dict], left_out: list[dict], skipped: dict, meta: dict) 
     sam = [r for r in rows if r["group"] == "optimizer"]
     for r in sam:
         lines += ["", (f"SAM / SGD full step: ours {r['ours_over_sgd']['median']:.2f}, pytorch-optimizer "
-                       f"{r['peer_over_sgd']['median']:.2f} (paired medians).")]
+                       f"{r['peer_over_sgd']['median']:.2f} (paired medians). The optimizer's own work with the "
+                       f"gradients fixed: ours {r['optimizer_alone_ms']['ours']:.1f} ms, pytorch-optimizer "
+                       f"{r['optimizer_alone_ms']['peer']:.1f} ms (paired ratio "
+                       f"{r['optimizer_alone_ratio']['median']:.2f}).")]
     checks = {r["case"]: r["check"] for r in rows if r.get("check")}
     if checks:
         lines += ["", "Output checks (same cores loaded into both, float64):"]
@@ -395,15 +417,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS, help="JSON results")
     p.add_argument("--skip-layers", action="store_true")
     p.add_argument("--skip-networks", action="store_true")
-    p.add_argument("--only", default="", help="comma-separated layer rows to time, as kind-format (e.g. "
-                   "conv-tr,linear-ttm); default all")
+    p.add_argument("--only", default="", help="comma-separated rows to time: layer rows as kind-format (e.g. "
+                   "conv-tr,linear-ttm), network-tr (the TR-ResNet step), sam (SAM's step); default all")
     p.add_argument("--clock", choices=tuple(layers.CLOCKS), default="wall",
                    help="wall: time.perf_counter; cpu: this process's CPU time (time.process_time), for a "
                    "machine shared with other jobs; needs --threads 1")
     args = p.parse_args(argv)
     args.only = [x for x in args.only.split(",") if x]
     known = {f"{k}-{f}" for k, fs in (("linear", ("cp", "ttm", "tucker", "tr")), ("conv", ("cp", "tt", "tr", "tucker")))
-             for f in fs}
+             for f in fs} | {"network-tr", "sam"}
     if set(args.only) - known:
         p.error(f"--only: unknown rows {sorted(set(args.only) - known)}; expected some of {sorted(known)}")
     if args.clock == "cpu" and args.threads != 1:
