@@ -85,6 +85,51 @@ def test_fused_compiled_step_matches_the_eager_wrappers(method):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_fused_das_step_follows_the_step_count_after_eager_steps():
+    """The compiled DAS step keeps alpha_t's step on the device; when eager steps (or a reload)
+    move opt.step_count, it restarts from there: 3 fused + 2 eager + 2 fused steps equal 7 eager
+    steps."""
+    values = torch.rand(7, 5, 6, generator=torch.Generator().manual_seed(0))
+    train = make_masks((7, 5, 6), 1).train
+    got = []
+    for compile in (False, True):
+        cfg = CompletionConfig(rank=[2, 3, 2], alpha=0.5, compile=compile)
+        model = build_model(cfg, values.shape, cfg.rank, 1)
+        obj = Objective(model, values, train, compile=compile)
+        opt = make_optimizer("das", obj.cores, cfg, total_steps=8)
+        step = obj.step_fn("das", opt)
+        for n in (3, 2, 2):
+            for _ in range(n):
+                step()
+            for _ in range(2 if n == 3 else 0):
+                obj.closure()
+                opt.step()
+        got.append([c.detach().clone() for c in obj.cores])
+    for a, b in zip(*got):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_step_falls_back_to_the_eager_wrapper_with_a_warning(monkeypatch):
+    values = torch.rand(7, 5, 6, generator=torch.Generator().manual_seed(0))
+    train = make_masks((7, 5, 6), 1).train
+    cfg = CompletionConfig(rank=[2, 3, 2], alpha=0.5, compile=False)
+    obj = Objective(build_model(cfg, values.shape, cfg.rank, 1), values, train)
+    obj.compiled = True               # as if the gradient compiled, but the fused DAS graph fails
+
+    def broken(*args):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(obj, "_compiled", lambda kind: broken)
+    opt = make_optimizer("das", obj.cores, cfg, total_steps=4)
+    before = [c.detach().clone() for c in obj.cores]
+    with pytest.warns(UserWarning, match="fused das step failed.*no compiler here"):
+        step = obj.step_fn("das", opt)
+    assert all(torch.equal(a, c.detach()) for a, c in zip(before, obj.cores))   # nothing moved
+    step()
+    assert opt.step_count == 1
+
+
 def test_tucker_init_is_tensorlys_random_init_seeded_with_the_mask_seed():
     import tensorly as tl
     from tensorly.decomposition._tucker import initialize_tucker

@@ -115,6 +115,43 @@ def test_alpha_schedule_and_scheduled_lr_enter_lambda():
         torch.testing.assert_close(p.detach(), w, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("schedule,total", [("linear", 5), ("cosine", 3), ("constant", None)])
+def test_alpha_table_and_eta_alpha0_give_functional_args_eta_alpha_at_every_step(schedule, total):
+    """eta_alpha0 * table[min(t, T)] (the compiled completion step's lookup) is functional_args'
+    eta alpha_t at every step, past T too; eta_alpha0 is the same tensor until lr changes."""
+    from tensorsam.optim.schedules import table_lookup
+
+    groups, _ = random_setup(1, [1.0, 2.0])
+    params = [p for grp in groups for p in grp]
+    opt = DAS(params, torch.optim.SGD, groups=groups, alpha=0.8, alpha_schedule=schedule, total_steps=total,
+              lr=0.2)
+    table, first = opt.alpha_table(), opt.eta_alpha0()
+    assert table.numel() == (total or 0) + 1 and opt.alpha_table() is table
+    for t in range((total or 2) + 3):
+        got = opt.eta_alpha0() * table_lookup(table, torch.tensor(t))
+        torch.testing.assert_close(got, opt.functional_args().eta_alpha, rtol=1e-12, atol=0)
+        assert opt.eta_alpha0() is first
+        opt.step()
+    opt.param_groups[0]["lr"] = 0.1
+    changed = opt.eta_alpha0()
+    assert changed is not first and torch.allclose(changed, first / 2)
+
+
+def test_per_core_values_cache_keeps_the_tensor_while_values_hold():
+    from tensorsam.optim.plan import per_core_values
+
+    groups, cache, like = [{"v": 0.5}, {"v": 2.0}], {}, torch.empty((), dtype=torch.float64)
+    a = per_core_values(groups, [0, 0, 1], lambda g: g["v"], like, cache)
+    assert per_core_values(groups, [0, 0, 1], lambda g: g["v"], like, cache) is a
+    assert a.tolist() == [0.5, 0.5, 2.0] and a.dtype == torch.float64
+    groups[1]["v"] = 3.0
+    b = per_core_values(groups, [0, 0, 1], lambda g: g["v"], like, cache)
+    assert b is not a and b.tolist() == [0.5, 0.5, 3.0] and a.tolist() == [0.5, 0.5, 2.0]
+    groups[0]["v"] = torch.tensor(1.5)      # a tensor value may change in place: never cached
+    c = per_core_values(groups, [0, 0, 1], lambda g: g["v"], like, cache)
+    assert per_core_values(groups, [0, 0, 1], lambda g: g["v"], like, cache) is not c
+
+
 def test_groups_from_a_model_and_grouped_params_without_grad():
     model = nn.ModuleDict({"w": TT((4, 3, 5), rank=2, dtype=torch.float64), "v": nn.Linear(3, 2)})
     opt = DAS(model.parameters(), torch.optim.SGD, groups=model, alpha=0.1, lr=0.1)

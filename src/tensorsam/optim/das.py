@@ -8,7 +8,7 @@ import torch
 
 from tensorsam.optim import functional as F
 from tensorsam.optim.plan import GroupPlan, acc_like, resolve_groups, single_bucket
-from tensorsam.optim.schedules import get_schedule
+from tensorsam.optim.schedules import get_schedule, schedule_table
 from tensorsam.optim.wrapper import WrappedOptimizer, check_flag, check_strength
 
 NORMALIZATIONS = ("global", "group")
@@ -93,10 +93,26 @@ class DAS(WrappedOptimizer):
         owned = [p for g in self.param_groups for p in g["params"]]
         self.plan = GroupPlan(resolve_groups(groups, owned), self.param_groups)
         self._like: dict = {}
+        self._tables: dict = {}
 
     def alpha_factor(self) -> float:
         """alpha_t / alpha at the current step count."""
         return self.schedule(1.0, self.step_count, self.total_steps)
+
+    def eta_alpha0(self) -> torch.Tensor:
+        """eta_k * alpha_k per core of every group before the schedule's factor, in the cores'
+        accumulation dtype: the same tensor while every ``lr`` and ``alpha`` keeps its value (a
+        tensor ``lr`` gives a new one each call).  Do not modify it."""
+        return self.plan.eta_alpha(self.param_groups, 1.0, acc_like(self._like, self.plan.cores[0]))
+
+    def alpha_table(self) -> torch.Tensor:
+        """The alpha schedule's :func:`~tensorsam.optim.schedules.schedule_table` (alpha_t / alpha
+        for t = 0..total_steps), like :meth:`eta_alpha0`; built once."""
+        like = acc_like(self._like, self.plan.cores[0])
+        key = (like.device, like.dtype)
+        if key not in self._tables:
+            self._tables[key] = schedule_table(self.schedule, self.total_steps, like)
+        return self._tables[key]
 
     def functional_args(self, plan: GroupPlan | None = None) -> DASArgs:
         """:class:`DASArgs` of the coming step for ``plan`` (default: every group); no host copy."""

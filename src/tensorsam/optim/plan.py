@@ -15,22 +15,38 @@ from torch import nn
 from tensorsam.norms import Sharding, StackedLayout, acc_dtype, dtensor_class, segments
 
 
-def per_core_values(param_groups: list[dict], group_index: Sequence[int], value, like: torch.Tensor) -> torch.Tensor:
-    """1-D tensor ``value(param_groups[group_index[k]])`` for each core k, on ``like``'s device and
-    dtype, without host copies (a run of cores in one param group is one ``torch.full``)."""
-    parts, start, n = [], 0, len(group_index)
-    while start < n:
-        gi = group_index[start]
-        end = start
-        while end < n and group_index[end] == gi:
-            end += 1
-        v = value(param_groups[gi])
-        if isinstance(v, torch.Tensor):
-            parts.append(v.to(like).reshape(1).expand(end - start))
+def index_runs(group_index: Sequence[int]) -> list[tuple[int, int]]:
+    """``group_index`` as runs ``(param group, number of consecutive cores)``."""
+    runs: list[tuple[int, int]] = []
+    for gi in group_index:
+        if runs and runs[-1][0] == gi:
+            runs[-1] = (gi, runs[-1][1] + 1)
         else:
-            parts.append(torch.full((end - start,), v, dtype=like.dtype, device=like.device))
-        start = end
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+            runs.append((gi, 1))
+    return runs
+
+
+def per_core_values(param_groups: list[dict], group_index: Sequence[int], value, like: torch.Tensor,
+                    cache: dict | None = None, runs: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    """1-D tensor ``value(param_groups[group_index[k]])`` for each core k, on ``like``'s device and
+    dtype, without host copies (a run of cores in one param group is one ``torch.full``).
+
+    ``runs``: :func:`index_runs` of ``group_index``, if known.  ``cache``: a dict that keeps the
+    last result; while every value is the same Python number as in the last call, that tensor is
+    returned again (no allocation; callers must not modify it).  Tensor values (a tensor ``lr``)
+    are never cached: they may change in place."""
+    values = [(value(param_groups[gi]), size) for gi, size in (runs or index_runs(group_index))]
+    key = None
+    if cache is not None and not any(isinstance(v, torch.Tensor) for v, _ in values):
+        key = (tuple(values), like.device, like.dtype)
+        if cache.get("key") == key:
+            return cache["value"]
+    parts = [v.to(like).reshape(1).expand(size) if isinstance(v, torch.Tensor)
+             else torch.full((size,), v, dtype=like.dtype, device=like.device) for v, size in values]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    if key is not None:
+        cache["key"], cache["value"] = key, out
+    return out
 
 
 def acc_like(cache: dict, t: torch.Tensor) -> torch.Tensor:
@@ -60,11 +76,13 @@ class GroupPlan:
             where = {id(p): i for i, g in enumerate(param_groups) for p in g["params"]}
             group_index = [where[id(p)] for p in self.cores]
         self.group_index = group_index
+        self._runs = index_runs(group_index)
         self._seg: dict = {}
         self._buffers: dict = {}
         self._subplans: dict = {}
         self._layouts: dict = {}
         self._shardings: dict = {}
+        self._eta_alpha: dict = {}     # the last eta_alpha, at factor 1 and not (see per_core_values)
         dt = dtensor_class()
         self.sharded = dt is not None and any(isinstance(p, dt) for p in self.cores)
         if self.cores:
@@ -107,7 +125,9 @@ class GroupPlan:
     def eta_alpha(self, param_groups: list[dict], alpha_factor: float, like: torch.Tensor) -> torch.Tensor:
         """eta_k * alpha_k(t) per core: the current (scheduled) ``lr`` of core k's param group times
         its ``alpha`` times the schedule's factor."""
-        return per_core_values(param_groups, self.group_index, lambda g: g["lr"] * g["alpha"] * alpha_factor, like)
+        cache = self._eta_alpha.setdefault(alpha_factor == 1.0, {})   # eta_alpha0 apart from the schedule's
+        return per_core_values(param_groups, self.group_index, lambda g: g["lr"] * g["alpha"] * alpha_factor, like,
+                               cache, self._runs)
 
     def with_grads(self) -> GroupPlan | None:
         """This plan restricted to the groups whose cores all have a gradient (``None`` if none),

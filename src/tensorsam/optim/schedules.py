@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 
 def constant(alpha0: float, t: int, total_steps: int | None) -> float:
     """alpha_t = alpha0."""
@@ -41,3 +43,18 @@ def get_schedule(name: str, total_steps: int | None = None):
         raise ValueError(f"alpha_schedule={name!r} decays to 0 over total_steps, which must be a positive "
                          f"int, got {total_steps!r}")
     return SCHEDULES[name]
+
+
+def schedule_table(schedule, total_steps: int | None, like: torch.Tensor) -> torch.Tensor:
+    """``f(1, t, T)`` for t = 0..T as a 1-D tensor on ``like``'s device and dtype (one entry when
+    ``total_steps`` is ``None``, the constant schedule).  Every schedule stays at f(1, T, T) after
+    T, so entry ``min(t, T)`` is alpha_t / alpha at any step t: a compiled step can look it up from
+    a device step counter (:func:`table_lookup`) instead of taking a new host value each step."""
+    n = 0 if total_steps is None else total_steps
+    return torch.tensor([schedule(1.0, t, total_steps) for t in range(n + 1)], dtype=like.dtype, device=like.device)
+
+
+def table_lookup(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Entry ``min(t, len - 1)`` of a :func:`schedule_table` as a 1-element tensor (``t``: a 0-dim
+    integer tensor; ``index_select``, as ``table[t]`` breaks a ``torch.compile`` graph)."""
+    return table.index_select(0, t.clamp(max=table.numel() - 1).reshape(1))

@@ -365,15 +365,19 @@ class WrappedOptimizer(torch.optim.Optimizer):
         self.base_optimizer.step()
         self._advance(STEP)
 
-    @torch.no_grad()
     def base_step(self) -> bool:
         """Only the base step, with the gradients in ``.grad``, counted; honours ``skip_nonfinite``.
         For fused steps (see :mod:`tensorsam.optim.functional`).  Returns whether it was taken."""
         self._opt_called = True   # tells LR schedulers that the optimizer stepped
-        if self._skip_this_step():
-            return False
-        self._base_step()
-        return True
+        enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)   # torch.no_grad(), without its Python cost on tiny steps
+        try:
+            if self._skip_this_step():
+                return False
+            self._base_step()
+            return True
+        finally:
+            torch._C._set_grad_enabled(enabled)
 
     def before_base_step(self) -> None:
         """Work done with the current gradients before the base step (DAS and BAR scale here)."""

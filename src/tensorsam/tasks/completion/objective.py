@@ -46,10 +46,13 @@ def gradient_fns(loss_fn) -> dict:
     built on the functional optimizer API (:mod:`tensorsam.optim.functional`):
 
     - ``'plain'``: ``(cores, idx, y, scale) -> (grads, loss)``;
-    - ``'das'``: ``(..., *DAS.functional_args()[1:]) -> (grads, loss, scaled cores)``: DAS's
-      scaling (:func:`das_factors`, Eq. 9) out of place, copied into the cores after the call (a
-      graph that mutates its inputs lost inductor's fusion of the loss with its backward: 1.7x the
-      kernel time); the base step follows with ``grads``;
+    - ``'das'``: ``(..., eta_alpha0, table, t, seg, counts, normalization, divisor) -> (grads,
+      loss, scaled cores, t + 1)``: DAS's scaling (:func:`das_factors`, Eq. 9) out of place, copied
+      into the cores after the call (a graph that mutates its inputs lost inductor's fusion of the
+      loss with its backward: 1.7x the kernel time); the base step follows with ``grads``.
+      eta alpha_t is ``eta_alpha0`` (:meth:`DAS.eta_alpha0`) times the schedule's entry at the
+      device step counter ``t`` (:meth:`DAS.alpha_table`), which the call advances: a new host
+      value each step cost about 20 us of this ~0.5 ms step;
     - ``'sam'``: ``(..., rho, adaptive) -> (grads at w + e, loss at w)``, e from
       :func:`sam_perturbation` (Algorithm 1); the weights stay at w.  A non-finite first-pass
       gradient gives e = 0 and NaN in the returned gradient, as ``SAM.restore`` does.
@@ -58,6 +61,7 @@ def gradient_fns(loss_fn) -> dict:
     2.13's fused CPU Adam then pairs gradient and parameter entries wrongly (silently).
     """
     from tensorsam.optim.functional import das_factors, nan_unless, sam_perturbation
+    from tensorsam.optim.schedules import table_lookup
 
     grad_and_value = torch.func.grad_and_value(loss_fn)
 
@@ -65,10 +69,11 @@ def gradient_fns(loss_fn) -> dict:
         grads, loss = grad_and_value(cores, idx, y, scale)
         return tuple(g.contiguous() for g in grads), loss
 
-    def das(cores, idx, y, scale, eta_alpha, seg, counts, normalization, divisor):
+    def das(cores, idx, y, scale, eta_alpha0, table, t, seg, counts, normalization, divisor):
         grads, loss = plain(cores, idx, y, scale)
+        eta_alpha = eta_alpha0 * table_lookup(table, t)
         f = das_factors(list(cores), list(grads), eta_alpha, seg, counts, normalization, divisor)
-        return grads, loss, tuple(c * fk for c, fk in zip(cores, f.unbind()))
+        return grads, loss, tuple(c * fk for c, fk in zip(cores, f.unbind())), t + 1
 
     def sam(cores, idx, y, scale, rho, adaptive):
         grads, loss = plain(cores, idx, y, scale)
@@ -167,36 +172,57 @@ class Objective:
             return eager
         cores = tuple(c.detach() for c in self.cores)
         fn = self._compiled(method)
+        step, warm = (self._das_step if method == "das" else self._sam_step)(fn, cores, opt)
+        try:   # compile now: the gradient functions are pure, so this call changes nothing
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                warm()
+        except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
+            warnings.warn(f"torch.compile of the fused {method} step failed ({type(err).__name__}: {err}); "
+                          "using the eager optimizer wrapper", stacklevel=2)
+            return eager
+        return step
 
-        def fused():
-            if method == "das":
-                grads, loss, scaled = fn(cores, self.idx, self.y, self.scale, *opt.functional_args()[1:])
-                torch._foreach_copy_(list(cores), list(scaled))
-            else:
-                grads, loss = fn(cores, self.idx, self.y, self.scale, *opt.functional_args(self.cores))
+    def _sam_step(self, fn, cores, opt):
+        """(the fused SAM iteration around the compiled ``fn``, a call of ``fn`` that changes nothing)."""
+        def call():
+            return fn(cores, self.idx, self.y, self.scale, *opt.functional_args(self.cores))
+
+        def step():
+            grads, loss = call()
             self._set_grads(grads)
             opt.base_step()
             return loss
 
-        state = {"step": None}
+        return step, call
+
+    def _das_step(self, fn, cores, opt):
+        """(the fused DAS iteration around the compiled ``fn`` (:func:`gradient_fns`' ``'das'``), a
+        call of ``fn`` that changes nothing).  The device step counter is rebuilt from
+        ``opt.step_count`` (one host-to-device copy) whenever the two part: at the first step,
+        after a skipped step or a state reload."""
+        args = opt.functional_args()
+        fixed = (args.seg, args.counts, args.normalization, args.divisor)
+        table, targets, idx, y, scale = opt.alpha_table(), list(cores), self.idx, self.y, self.scale
+        t, at = None, None   # the device step counter, and the step_count it holds
 
         def step():
-            if state["step"] is not None:
-                return state["step"]()
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    loss = fused()
-                state["step"] = fused
-            except Exception as err:  # noqa: BLE001 - compiler failures happen before any update
-                warnings.warn(f"torch.compile of the fused {method} step failed "
-                              f"({type(err).__name__}: {err}); "
-                              "using the eager optimizer wrapper", stacklevel=2)
-                state["step"] = eager
-                loss = eager()
+            nonlocal t, at
+            n = opt.step_count
+            if at != n:
+                t = torch.tensor(n, device=table.device)
+            grads, loss, scaled, t = fn(cores, idx, y, scale, opt.eta_alpha0(), table, t, *fixed)
+            at = n + 1
+            torch._foreach_copy_(targets, scaled)
+            self._set_grads(grads)
+            opt.base_step()
             return loss
 
-        return step
+        def call():
+            return fn(cores, idx, y, scale, opt.eta_alpha0(), table, torch.tensor(opt.step_count, device=table.device),
+                      *fixed)
+
+        return step, call
 
     @torch.no_grad()
     def predict(self) -> torch.Tensor:
