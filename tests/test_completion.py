@@ -130,6 +130,26 @@ def test_fused_step_falls_back_to_the_eager_wrapper_with_a_warning(monkeypatch):
     assert opt.step_count == 1
 
 
+def test_merge_joins_seeds_and_refuses_an_out_holding_runs_it_leaves_out(tmp_path, capsys):
+    short = ["--methods", "adam", "--iterations", "30", "--set", "log_every=10", *FAST]
+    for seed in (42, 43):
+        assert main(["completion", *short, "--seeds", str(seed), "--out", str(tmp_path / f"s{seed}")]) == 0
+    merged = tmp_path / "merged"
+    assert main(["completion", "--merge", str(tmp_path / "s42"), str(tmp_path / "s43"), "--out", str(merged)]) == 0
+    res = json.loads((merged / "results.json").read_text())
+    assert [r["seed"] for r in res["runs"]] == [42, 43] and res["config"]["seeds"] == [42, 43]
+    assert sorted(torch.load(merged / "solutions.pt", weights_only=True)) == ["adam_seed42", "adam_seed43"]
+    # into a source: allowed (its runs are merged); into s43 from s42 alone: s43's run would be lost
+    assert main(["completion", "--merge", str(tmp_path / "s42"), str(tmp_path / "s43"),
+                 "--out", str(tmp_path / "s43")]) == 0
+    kept = (tmp_path / "s42" / "results.json").read_bytes()
+    capsys.readouterr()
+    assert main(["completion", "--merge", str(tmp_path / "s42"), "--out", str(merged)]) == 2
+    assert "merging there would lose them" in capsys.readouterr().err
+    assert json.loads((merged / "results.json").read_text())["runs"] == res["runs"]
+    assert (tmp_path / "s42" / "results.json").read_bytes() == kept
+
+
 def test_tucker_init_is_tensorlys_random_init_seeded_with_the_mask_seed():
     import tensorly as tl
     from tensorly.decomposition._tucker import initialize_tucker

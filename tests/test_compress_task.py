@@ -91,6 +91,14 @@ def test_adding_a_seed_runs_only_the_new_cells(grid, dense_model, capsys):
     assert [r for r in runs if r["seed"] == 1] == first["runs"]
 
 
+def test_a_fresh_grid_over_other_runs_is_refused_before_any_compressed_model_is_written(grid, dense_model, capsys):
+    out, _ = grid
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "compressed").iterdir()}
+    assert _main(["compress", "--model", dense_model, "--out", out, "--methods", "sgd", "--ratio", "5", *SMALL]) == 2
+    assert "outside this grid" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "compressed").iterdir()} == before
+
+
 def test_a_plain_state_dict_with_its_architecture_named_compresses_at_a_rank(tmp_path):
     torch.save(resnet(20, None, None, 10, 1).state_dict(), tmp_path / "dense.pt")
     out = tmp_path / "out"

@@ -141,6 +141,7 @@ class Sweep:
             cell.tag = tag(cell.coords)
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.resume = resume
+        self._held = False      # inside claimed()
         self.payload_file = payload_file
         self.results_file = results_file
         self.same = None if same is None else to_jsonable(dict(same))
@@ -264,10 +265,21 @@ class Sweep:
         """Run every cell not finished yet with ``fn(cell) -> (record, payload)``; then (with an
         output dir) write the payload file, call ``write(result)`` (the results file) and remove
         ``.work``.  ``progress`` prints a line per cell to stderr (``[3/12] sam_seed2``)."""
-        writes = self.out_dir is not None and _writes()
+        with self.claimed():
+            return self._run(fn, write, progress=progress, writes=self.out_dir is not None and _writes())
+
+    @contextlib.contextmanager
+    def claimed(self):
+        """Hold the output dir (:func:`~tensorsam.run.io.claim_directory`) and, without resume,
+        refuse one holding finished runs outside this grid: what :meth:`run` does first.  A task
+        that writes into the dir before its cells run (compressed models) writes inside this, and
+        calls :meth:`run` inside it too."""
+        if self._held:
+            yield self
+            return
         with contextlib.ExitStack() as held:
             error = None
-            if writes:
+            if self.out_dir is not None and _writes():
                 try:
                     held.enter_context(claim_directory(self.out_dir))
                     if not self.resume:
@@ -280,7 +292,11 @@ class Sweep:
                 error = box[0]
             if error is not None:
                 raise ValueError(error)
-            return self._run(fn, write, progress=progress, writes=writes)
+            self._held = True
+            try:
+                yield self
+            finally:
+                self._held = False
 
     def _run(self, fn, write, *, progress: bool, writes: bool) -> SweepResult:
         earlier, _ = self.earlier() if self.resume else ({}, [])

@@ -14,7 +14,7 @@ import torch
 
 from tensorsam.data import load_tensor, make_masks
 from tensorsam.run import Sweep, atomic_torch_save, load_checkpoint, result_fields, write_results
-from tensorsam.run.io import check_writable_dir
+from tensorsam.run.io import check_writable_dir, claim_directory
 from tensorsam.tasks.completion.config import CompletionConfig, candidate_ranks
 from tensorsam.tasks.completion.fit import build_model, hooi_run, select, train_run
 
@@ -131,12 +131,26 @@ def merge_results(sources, out_dir) -> dict:
     solutions = {}
     for src, _, _ in loaded:
         solutions.update(load_checkpoint(src / "solutions.pt"))
-    out = Path(out_dir)
-    atomic_torch_save(solutions, out / "solutions.pt")
     extra = _extra(cfg, loaded[0][2].get("data", {}))
     extra["merged_from"] = [{"dir": str(src), "wall_seconds": res.get("wall_seconds"),
                              "provenance": res.get("provenance")} for src, _, res in loaded]
     started = min(datetime.datetime.fromisoformat(res["provenance"]["started_utc"]).timestamp()
                   for _, _, res in loaded)
-    return write_results(out / "results.json", task="completion", config=cfg, runs=runs, extra=extra,
-                         started=started)
+    with claim_directory(out_dir) as out:      # one writer; nothing there that the merge leaves out
+        _refuse_merge_loss(out, runs)
+        atomic_torch_save(solutions, out / "solutions.pt")
+        return write_results(out / "results.json", task="completion", config=cfg, runs=runs, extra=extra,
+                             started=started)
+
+
+def _refuse_merge_loss(out: Path, runs: list[dict]) -> None:
+    """Refuse to merge into a dir whose results hold a (method, seed) run the merge does not."""
+    if not (out / "results.json").is_file():
+        return
+    _, held = read_results(out)
+    merged = {(r["method"], r["seed"]) for r in runs}
+    lost = [f"{r['method']} seed {r['seed']}" for r in held["runs"] if (r["method"], r["seed"]) not in merged]
+    if lost:
+        raise ValueError(f"{out} holds {len(lost)} run(s) the merge leaves out ({', '.join(lost[:4])}"
+                         f"{', ...' if len(lost) > 4 else ''}); merging there would lose them: add {out} to "
+                         "--merge or use another --out")

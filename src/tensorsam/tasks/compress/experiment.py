@@ -250,14 +250,6 @@ def run_compress(cfg: CompressConfig, out_dir=None, *, resume: bool = False, pro
     cache = {cfg.seeds[0]: (first, evaluate(dense.to(info.device), first.test)["acc"])}   # seed -> (data, acc_dense)
     starts = compress_all(cfg, dense.cpu(), first.test, info.device)
     records = [c.record(cache[cfg.seeds[0]][1]) for c in starts]
-    if out is not None and info.is_main:
-        for c in starts:
-            save_compressed(c, cfg, source, arch, out)
-    if info.is_main:
-        from tensorsam.tasks.compress.report import compression_line
-
-        for r in records:
-            print(compression_line(r), flush=True)
     sweep = compress_sweep(cfg, out, resume=resume, sha256=source.record["sha256"])
     by_tag = {c.tag: c for c in starts}
 
@@ -286,5 +278,14 @@ def run_compress(cfg: CompressConfig, out_dir=None, *, resume: bool = False, pro
                              "sweep": result.record(), "device": str(info.device), "world_size": info.world_size},
                       started=started)
 
-    result = sweep.run(cell_fn, write, progress=progress and info.is_main)
+    with sweep.claimed():   # the dir is held, and a run it would lose refused, before the first write
+        if out is not None and info.is_main:
+            for c in starts:
+                save_compressed(c, cfg, source, arch, out)
+        if info.is_main:
+            from tensorsam.tasks.compress.report import compression_line
+
+            for r in records:
+                print(compression_line(r), flush=True)
+        result = sweep.run(cell_fn, write, progress=progress and info.is_main)
     return {"runs": result.runs, "sweep": result}
