@@ -94,14 +94,20 @@ def test_one_writer_at_a_time_and_a_killed_writer_blocks_nothing(tmp_path):
     assert ran == ["a_seed1", "b_seed1"] and not (tmp_path / ".tensorsam.lock").exists()
 
 
+def _interrupted_at(seed: int, calls: list, result):
+    """A cell function that records each tag in ``calls`` and is interrupted at ``seed``."""
+    def cell(c):
+        calls.append(c.tag)
+        if c["seed"] == seed:
+            raise KeyboardInterrupt
+        return result(c)
+
+    return cell
+
+
 def test_cells_of_an_interrupted_grid_outside_the_new_one_are_carried(tmp_path):
     calls = []
-
-    def interrupted(c):
-        calls.append(c.tag)
-        if c["seed"] == 3:
-            raise KeyboardInterrupt
-        return {"method": c["method"], "seed": c["seed"]}, [torch.zeros(1)]
+    interrupted = _interrupted_at(3, calls, lambda c: ({"method": c["method"], "seed": c["seed"]}, [torch.zeros(1)]))
 
     with pytest.raises(KeyboardInterrupt):
         Sweep({"seed": [1, 3], "method": ["a"]}, tmp_path, resume=True, payload_file="payloads.pt",
@@ -132,12 +138,7 @@ def test_a_cell_without_its_payload_runs_again_and_other_settings_are_refused(tm
 
 def test_interrupted_cells_resume_from_the_work_folder(tmp_path):
     calls = []
-
-    def cell(c):
-        calls.append(c.tag)
-        if c["seed"] == 2:
-            raise KeyboardInterrupt
-        return {"score": 1.0}, None
+    cell = _interrupted_at(2, calls, lambda c: ({"score": 1.0}, None))
 
     sweep = Sweep({"seed": [1, 2]}, tmp_path, resume=True)
     with pytest.raises(KeyboardInterrupt):
