@@ -58,11 +58,12 @@ def test_plan_reconstructs_like_the_format_and_gradient_is_the_masked_loss(model
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["das", "sam"])
+@pytest.mark.parametrize("method", ["adam", "das", "sam"])
 def test_fused_compiled_step_matches_the_eager_wrappers(method):
-    """Compiled, DAS's scaling and SAM's two passes run inside the gradient function; the steps
-    (cores, Adam moments, DAS's schedule counter) match the eager optimizer wrappers, and the
-    fused path really compiles (a fallback would warn, an error here)."""
+    """Compiled, DAS's scaling, SAM's two passes and Adam's step run inside the gradient function
+    (Adam's own step only for the first, which makes its state); the steps (cores, Adam moments,
+    DAS's schedule counter) match the eager optimizer wrappers, and the fused path really compiles
+    (a fallback would warn, an error here)."""
     values = torch.rand(7, 5, 6, generator=torch.Generator().manual_seed(0))
     train = make_masks((7, 5, 6), 1).train
     got = []
@@ -74,12 +75,17 @@ def test_fused_compiled_step_matches_the_eager_wrappers(method):
             obj = Objective(model, values, train, compile=compile)
             assert obj.compiled == compile
             opt = make_optimizer(method, obj.cores, cfg, total_steps=10)
+            base = getattr(opt, "base_optimizer", opt)
+            calls, adam_step = [], base.step
+            base.step = lambda *a, **k: calls.append(1) or adam_step(*a, **k)
             step = obj.step_fn(method, opt)
             losses = [step() for _ in range(5)]
-        got.append(([c.detach().clone() for c in obj.cores], torch.stack(losses), opt.step_count,
-                    [opt.state[c]["exp_avg_sq"].clone() for c in obj.cores]))
-    (c0, l0, n0, v0), (c1, l1, n1, v1) = got
-    assert n0 == n1 == 5
+        assert len(calls) == (1 if compile else 5)
+        got.append(([c.detach().clone() for c in obj.cores], torch.stack(losses),
+                    getattr(opt, "step_count", None), [opt.state[c]["exp_avg_sq"].clone() for c in obj.cores],
+                    [float(opt.state[c]["step"]) for c in obj.cores]))
+    (c0, l0, n0, v0, s0), (c1, l1, n1, v1, s1) = got
+    assert n0 == n1 == (None if method == "adam" else 5) and s0 == s1 == [5.0] * len(s0)
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=0)
     for a, b in zip(c0 + v0, c1 + v1):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)

@@ -12,7 +12,9 @@ per-tensor ops, which is also what ``torch.compile`` traces) or the multi-tensor
 - :func:`das_scale_`: DAS's scaling of the cores (Algorithm 2, Eq. 9); :func:`das_factors` its
   factors 1 + lambda_k, for a compiled caller that scales out of place;
 - :func:`bar_scale_`: nBAR / oBAR's scaling of (x, y) pairs (BAR, Algorithms 2 and 3);
-- :func:`rebalance_`: exact rebalancing of every group.
+- :func:`rebalance_`: exact rebalancing of every group;
+- :func:`adam_step`: ``torch.optim.Adam``'s step out of place, for a graph that takes the base
+  step too (:func:`adam_graph_settings` says when it is the optimizer's own).
 
 **Sharded parameters (DTensor, FSDP2).**  Every function takes ``sharding``, a
 :class:`~tensorsam.norms.Sharding` of its norm list (``None`` on one process, where nothing else
@@ -203,6 +205,45 @@ def rebalance_(cores: list[torch.Tensor], seg: torch.Tensor, counts: torch.Tenso
     c = rebalance_factors(n, seg, counts.to(n.dtype))
     scale_(cores if sharding is None else local_tensors(cores), c, foreach, buffer)
     return c
+
+
+# -- a base step inside a graph ------------------------------------------------------------------
+def adam_graph_settings(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> dict | None:
+    """``{'group', 'betas', 'eps', 'weight_decay'}`` when :func:`adam_step` takes exactly the step
+    ``optimizer`` would take on ``params``, else ``None``: a ``torch.optim.Adam`` (not a subclass)
+    whose one param group holds exactly ``params``, without amsgrad, maximize, differentiable or
+    capturable, and no step hooks (a graph would skip them)."""
+    if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1:
+        return None
+    group = optimizer.param_groups[0]
+    if [id(q) for q in group["params"]] != [id(q) for q in params]:
+        return None
+    if any(group.get(flag) for flag in ("amsgrad", "maximize", "differentiable", "capturable")):
+        return None
+    from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+    if (optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks
+            or _global_optimizer_pre_hooks or _global_optimizer_post_hooks):
+        return None
+    return {"group": group, "betas": tuple(group["betas"]), "eps": group["eps"],
+            "weight_decay": group["weight_decay"]}
+
+
+def adam_step(params, grads, exp_avgs, exp_avg_sqs, step: torch.Tensor, lr, betas: tuple[float, float],
+              eps: float, weight_decay: float) -> tuple[list, list, list]:
+    """``torch.optim.Adam``'s update (Kingma & Ba 2015, Algorithm 1; L2 weight decay added to the
+    gradient), out of place for a compiled caller: (params, exp_avgs, exp_avg_sqs) after the step
+    numbered ``step`` (the count including it)."""
+    beta1, beta2 = betas
+    bias1, bias2_sqrt = 1 - beta1 ** step, (1 - beta2 ** step).sqrt()
+    out = [], [], []
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        if weight_decay:
+            g = g + weight_decay * p
+        m = m.lerp(g, 1 - beta1)
+        v = v * beta2 + g * g * (1 - beta2)
+        for lst, x in zip(out, (p - (lr / bias1) * m / (v.sqrt() / bias2_sqrt + eps), m, v)):
+            lst.append(x)
+    return out
 
 
 # -- compiled paths -------------------------------------------------------------------------------

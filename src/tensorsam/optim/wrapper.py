@@ -379,6 +379,12 @@ class WrappedOptimizer(torch.optim.Optimizer):
         finally:
             torch._C._set_grad_enabled(enabled)
 
+    def count_step(self) -> None:
+        """Count a base step that a compiled caller took on the base optimizer's state itself (see
+        :func:`~tensorsam.optim.functional.adam_step`): what :meth:`base_step` counts."""
+        self._opt_called = True
+        self._advance(STEP)
+
     def before_base_step(self) -> None:
         """Work done with the current gradients before the base step (DAS and BAR scale here)."""
 

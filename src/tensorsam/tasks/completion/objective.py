@@ -57,10 +57,13 @@ def gradient_fns(loss_fn) -> dict:
       :func:`sam_perturbation` (Algorithm 1); the weights stay at w.  A non-finite first-pass
       gradient gives e = 0 and NaN in the returned gradient, as ``SAM.restore`` does.
 
+    ``'<kind>+adam'``: the same, then ``torch.optim.Adam``'s step in the graph too (see
+    :meth:`Objective.step_fn`).
+
     Gradients are made contiguous: einsum's backward can return transposed strides, and torch
     2.13's fused CPU Adam then pairs gradient and parameter entries wrongly (silently).
     """
-    from tensorsam.optim.functional import das_factors, nan_unless, sam_perturbation
+    from tensorsam.optim.functional import adam_step, das_factors, nan_unless, sam_perturbation
     from tensorsam.optim.schedules import table_lookup
 
     grad_and_value = torch.func.grad_and_value(loss_fn)
@@ -81,7 +84,25 @@ def gradient_fns(loss_fn) -> dict:
         grads, _ = plain(tuple(c + ek for c, ek in zip(cores, e)), idx, y, scale)
         return (grads[0] + nan_unless(finite), *grads[1:]), loss
 
-    return {"plain": plain, "das": das, "sam": sam}
+    fns = {"plain": plain, "das": das, "sam": sam}
+
+    def with_adam(kind):
+        """``fns[kind]`` followed by Adam's step (:func:`adam_step`) on the cores it leaves (DAS's
+        scaled ones): ``(cores, idx, y, scale, exp_avgs, exp_avg_sqs, step, lr, betas, eps,
+        weight_decay, *kind's args) -> (grads, loss, cores, exp_avgs, exp_avg_sqs, step + 1, *rest)``."""
+        inner = fns[kind]
+
+        def f(cores, idx, y, scale, exp_avgs, exp_avg_sqs, step, lr, betas, eps, weight_decay, *args):
+            out = inner(cores, idx, y, scale, *args)
+            grads, loss = out[0], out[1]
+            start = out[2] if kind == "das" else cores
+            new = adam_step(start, grads, exp_avgs, exp_avg_sqs, step + 1, lr, betas, eps, weight_decay)
+            return (grads, loss, *map(tuple, new), step + 1, *out[3 if kind == "das" else 2:])
+
+        return f
+
+    fns.update({f"{kind}+adam": with_adam(kind) for kind in ("plain", "das", "sam")})
+    return fns
 
 
 class Objective:
@@ -168,20 +189,30 @@ class Objective:
             opt.step()
             return loss
 
-        if not self.compiled or method not in ("das", "sam"):
+        if not self.compiled or method not in ("adam", "das", "sam"):
             return eager
-        cores = tuple(c.detach() for c in self.cores)
-        fn = self._compiled(method)
-        step, warm = (self._das_step if method == "das" else self._sam_step)(fn, cores, opt)
-        try:   # compile now: the gradient functions are pure, so this call changes nothing
+        if method != "adam":
+            cores = tuple(c.detach() for c in self.cores)
+            step, warm = (self._das_step if method == "das" else self._sam_step)(self._compiled(method), cores, opt)
+            if not self._warm(method, warm):
+                return eager
+        else:
+            step = eager
+        in_graph = self._adam_step(method, opt, step)
+        return step if in_graph is None else in_graph
+
+    def _warm(self, method: str, warm) -> bool:
+        """Compile now (the gradient functions are pure, so the call changes nothing); on a
+        compiler failure, warn and return False (the caller falls back to the eager wrappers)."""
+        try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 warm()
         except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
             warnings.warn(f"torch.compile of the fused {method} step failed ({type(err).__name__}: {err}); "
-                          "using the eager optimizer wrapper", stacklevel=2)
-            return eager
-        return step
+                          "using the eager optimizer wrapper", stacklevel=3)
+            return False
+        return True
 
     def _sam_step(self, fn, cores, opt):
         """(the fused SAM iteration around the compiled ``fn``, a call of ``fn`` that changes nothing)."""
@@ -198,34 +229,99 @@ class Objective:
 
     def _das_step(self, fn, cores, opt):
         """(the fused DAS iteration around the compiled ``fn`` (:func:`gradient_fns`' ``'das'``), a
-        call of ``fn`` that changes nothing).  The device step counter is rebuilt from
-        ``opt.step_count`` (one host-to-device copy) whenever the two part: at the first step,
-        after a skipped step or a state reload."""
-        args = opt.functional_args()
-        fixed = (args.seg, args.counts, args.normalization, args.divisor)
-        table, targets, idx, y, scale = opt.alpha_table(), list(cores), self.idx, self.y, self.scale
-        t, at = None, None   # the device step counter, and the step_count it holds
+        call of ``fn`` that changes nothing)."""
+        das, targets, idx, y, scale = _DASArgs(opt), list(cores), self.idx, self.y, self.scale
 
         def step():
-            nonlocal t, at
-            n = opt.step_count
-            if at != n:
-                t = torch.tensor(n, device=table.device)
-            grads, loss, scaled, t = fn(cores, idx, y, scale, opt.eta_alpha0(), table, t, *fixed)
-            at = n + 1
+            grads, loss, scaled, t = fn(cores, idx, y, scale, *das())
+            das.advance(t)
             torch._foreach_copy_(targets, scaled)
             self._set_grads(grads)
             opt.base_step()
             return loss
 
-        def call():
-            return fn(cores, idx, y, scale, opt.eta_alpha0(), table, torch.tensor(opt.step_count, device=table.device),
-                      *fixed)
+        return step, lambda: fn(cores, idx, y, scale, *das())
 
-        return step, call
+    def _adam_step(self, method: str, opt, fallback):
+        """The iteration with Adam's step inside the compiled graph as well (``'<kind>+adam'`` of
+        :func:`gradient_fns`), writing Adam's own state (moments, step count), or ``None`` where
+        Adam is not exactly the base step (:func:`~tensorsam.optim.functional.adam_graph_settings`),
+        non-finite steps are to be skipped (that needs a host read) or compilation fails.  Until
+        Adam has state (its first step), and when its state or param group is replaced (a reload),
+        ``fallback`` takes the step and the state is picked up after it."""
+        from tensorsam.optim.functional import adam_graph_settings
+
+        base = getattr(opt, "base_optimizer", opt)
+        if adam_graph_settings(base, self.cores) is None or getattr(opt, "skip_nonfinite", False):
+            return None
+        kind = {"adam": "plain", "das": "das", "sam": "sam"}[method]
+        fn = self._compiled(f"{kind}+adam")
+        cores, idx, y, scale = tuple(c.detach() for c in self.cores), self.idx, self.y, self.scale
+        das = _DASArgs(opt) if method == "das" else None
+        extra = das if das is not None else ((lambda: opt.functional_args(self.cores)) if method == "sam" else tuple)
+        held: dict = {"of": None}        # Adam's state tensors, and the (state, group) they belong to
+        lr_cache: dict = {}
+
+        def state_args():
+            group = base.param_groups[0]
+            if held["of"] != (id(base.state), id(group)):
+                if not all(p in base.state for p in self.cores):
+                    return None
+                st = [base.state[p] for p in self.cores]
+                held.update(of=(id(base.state), id(group)), m=tuple(s["exp_avg"] for s in st),
+                            v=tuple(s["exp_avg_sq"] for s in st), steps=[s["step"] for s in st])
+                held["targets"] = [*cores, *held["m"], *held["v"], *held["steps"]]
+            lr = group["lr"]
+            if not isinstance(lr, torch.Tensor):
+                if lr_cache.get("value") != lr:
+                    lr_cache.update(value=lr, tensor=torch.tensor(lr, dtype=cores[0].dtype, device=cores[0].device))
+                lr = lr_cache["tensor"]
+            return (held["m"], held["v"], held["steps"][0], lr, tuple(group["betas"]), group["eps"],
+                    group["weight_decay"])
+
+        def step():
+            adam = state_args()
+            if adam is None:
+                return fallback()
+            grads, loss, p, m, v, t, *rest = fn(cores, idx, y, scale, *adam, *extra())
+            torch._foreach_copy_(held["targets"], [*p, *m, *v, *[t] * len(held["steps"])])
+            self._set_grads(grads)
+            if das is not None:
+                das.advance(rest[0])
+            if base is not opt:
+                opt.count_step()
+            return loss
+
+        def warm():
+            zeros = tuple(torch.zeros_like(c) for c in cores)
+            return fn(cores, idx, y, scale, zeros, zeros, torch.zeros((), dtype=torch.float32), torch.tensor(0.0),
+                      (0.9, 0.999), 1e-8, 0.0, *extra())
+
+        return step if self._warm(f"{method} (Adam in the graph)", warm) else None
 
     @torch.no_grad()
     def predict(self) -> torch.Tensor:
         """The reconstruction, flattened."""
         return reconstruct([c.detach() for c in self.cores], self.plan).reshape(-1)
 
+
+class _DASArgs:
+    """DAS's arguments of the compiled ``'das'`` graphs: (eta_alpha0, schedule table, device step
+    counter t, seg, counts, normalization, divisor).  The graph returns t + 1, kept for the next
+    call; t is rebuilt from ``opt.step_count`` (one host-to-device copy) whenever the two part: at
+    the first step, after a skipped step or eager steps, or a state reload."""
+
+    def __init__(self, opt):
+        a = opt.functional_args()
+        self.opt, self.fixed, self.table = opt, (a.seg, a.counts, a.normalization, a.divisor), opt.alpha_table()
+        self.t, self.at, self.n = None, None, None
+
+    def __call__(self) -> tuple:
+        self.n = self.opt.step_count
+        if self.at != self.n:
+            self.t = torch.tensor(self.n, device=self.table.device)
+        return (self.opt.eta_alpha0(), self.table, self.t, *self.fixed)
+
+    def advance(self, t: torch.Tensor) -> None:
+        """The graph's t + 1, for the step after this one (call before counting the step)."""
+        self.t, self.at = t, self.n + 1
