@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 import warnings
@@ -112,6 +113,29 @@ def test_fused_das_step_follows_the_step_count_after_eager_steps():
                 obj.closure()
                 opt.step()
         got.append([c.detach().clone() for c in obj.cores])
+    for a, b in zip(*got):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_adam_in_the_graph_picks_up_a_reloaded_state():
+    """A state reload replaces Adam's state tensors: the compiled step writes the new ones (a step
+    on stale tensors would leave the reloaded state behind): 3 steps, reload, 2 steps, as eager."""
+    values = torch.rand(7, 5, 6, generator=torch.Generator().manual_seed(0))
+    train = make_masks((7, 5, 6), 1).train
+    got = []
+    for compile in (False, True):
+        cfg = CompletionConfig(rank=[2, 3, 2], alpha=0.5, compile=compile)
+        obj = Objective(build_model(cfg, values.shape, cfg.rank, 1), values, train, compile=compile)
+        opt = make_optimizer("das", obj.cores, cfg, total_steps=8)
+        step = obj.step_fn("das", opt)
+        for _ in range(3):
+            step()
+        opt.load_state_dict(copy.deepcopy(opt.state_dict()))   # new state tensors
+        for _ in range(2):
+            step()
+        got.append([c.detach().clone() for c in obj.cores]
+                   + [opt.state[c][k].clone() for c in obj.cores for k in ("exp_avg", "exp_avg_sq", "step")])
     for a, b in zip(*got):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
