@@ -129,22 +129,28 @@ class Objective:
         self.y = flat.index_select(0, self.idx)
         self.scale = torch.tensor(1.0 if loss == "sum" else 1.0 / max(1, self.idx.numel()), dtype=dtype)
         self.loss_fn = train_loss_fn(self.plan)
-        self.compiled = False
-        self._grad = None
+        self.compiled = bool(compile)   # False once the gradient's compilation has failed
+        self._grad = None               # the compiled gradient, built at its first use
         self._key = (model.einsum_equation(), tuple(model.core_shapes()), dtype)
         if compile:
             torch._dynamo.mark_dynamic(self.idx, 0)  # one graph for every mask size
             torch._dynamo.mark_dynamic(self.y, 0)
+
+    def _compiled_grad(self):
+        """The compiled plain gradient, compiled at the first call (a step with Adam in the graph
+        never needs it); ``None`` once its compilation failed (warned: eager autograd from then)."""
+        if self._grad is None and self.compiled:
             fn = self._compiled("plain")
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     fn(tuple(c.detach() for c in self.cores), self.idx, self.y, self.scale)
                 self._grad = fn
-                self.compiled = True
             except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
                 warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); using eager autograd",
-                              stacklevel=2)
+                              stacklevel=3)
+                self.compiled = False
+        return self._grad
 
     def _compiled(self, kind: str):
         """The compiled ``gradient_fns(...)[kind]`` for this model's shapes (cached per process)."""
@@ -153,10 +159,12 @@ class Objective:
             self._compiled_cache[key] = torch.compile(gradient_fns(self.loss_fn)[kind])
         return self._compiled_cache[key]
 
-    def loss_and_grads(self, cores):
-        """(loss, gradients) of the training loss at ``cores`` (detached tensors)."""
-        if self._grad is not None:
-            grads, loss = self._grad(tuple(cores), self.idx, self.y, self.scale)
+    def loss_and_grads(self, cores, compiled: bool = True):
+        """(loss, gradients) of the training loss at ``cores`` (detached tensors); compiled when the
+        objective is (``compiled=False``: eager autograd regardless)."""
+        fn = self._compiled_grad() if compiled else None
+        if fn is not None:
+            grads, loss = fn(tuple(cores), self.idx, self.y, self.scale)
             return loss, grads
         with torch.enable_grad():
             leaves = [c.detach().requires_grad_() for c in cores]
@@ -164,9 +172,9 @@ class Objective:
             grads = torch.autograd.grad(loss, leaves)
         return loss.detach(), grads
 
-    def closure(self):
+    def closure(self, compiled: bool = True):
         """Compute the gradient at the current cores into ``.grad``; returns the loss."""
-        loss, grads = self.loss_and_grads([c.detach() for c in self.cores])
+        loss, grads = self.loss_and_grads([c.detach() for c in self.cores], compiled)
         self._set_grads(grads)
         return loss
 
@@ -178,28 +186,28 @@ class Objective:
         """A callable doing one training iteration of ``method`` with ``opt`` (from
         :func:`make_optimizer`) and returning the loss at the current point (a tensor, not read).
 
-        Compiled, DAS and SAM use the fused gradient functions of :func:`gradient_fns` (the
-        base step still runs through ``opt``); if their compilation fails, a warning is given and
-        the eager wrappers take over.  No step reads a device value.
+        Compiled, with a plain ``torch.optim.Adam`` as the base step, the whole iteration (DAS's
+        scaling or SAM's two passes, and Adam's step) is one compiled graph (:meth:`_adam_step`).
+        Otherwise DAS and SAM use the fused gradient functions of :func:`gradient_fns` and the base
+        step runs through ``opt``.  If a compilation fails, a warning is given and the next path
+        takes over, down to the eager wrappers.  No step reads a device value.
         """
-        def eager():
+        def eager(compiled: bool = True):
+            closure = self.closure if compiled else (lambda: self.closure(compiled=False))
             if method == "sam":
-                return opt.step(self.closure)
-            loss = self.closure()
+                return opt.step(closure)
+            loss = closure()
             opt.step()
             return loss
 
         if not self.compiled or method not in ("adam", "das", "sam"):
             return eager
-        if method != "adam":
-            cores = tuple(c.detach() for c in self.cores)
-            step, warm = (self._das_step if method == "das" else self._sam_step)(self._compiled(method), cores, opt)
-            if not self._warm(method, warm):
-                return eager
-        else:
-            step = eager
-        in_graph = self._adam_step(method, opt, step)
-        return step if in_graph is None else in_graph
+        in_graph = self._adam_step(method, opt, lambda: eager(compiled=False))   # one graph, nothing else compiled
+        if in_graph is not None or method == "adam":
+            return in_graph or eager
+        cores = tuple(c.detach() for c in self.cores)
+        step, warm = (self._das_step if method == "das" else self._sam_step)(self._compiled(method), cores, opt)
+        return step if self._warm(method, warm) else eager
 
     def _warm(self, method: str, warm) -> bool:
         """Compile now (the gradient functions are pure, so the call changes nothing); on a
@@ -248,7 +256,8 @@ class Objective:
         Adam is not exactly the base step (:func:`~tensorsam.optim.functional.adam_graph_settings`),
         non-finite steps are to be skipped (that needs a host read) or compilation fails.  Until
         Adam has state (its first step), and when its state or param group is replaced (a reload),
-        ``fallback`` takes the step and the state is picked up after it."""
+        ``fallback`` (the eager wrapper on eager autograd: nothing else to compile) takes the step,
+        and the state is picked up after it."""
         from tensorsam.optim.functional import adam_graph_settings
 
         base = getattr(opt, "base_optimizer", opt)
