@@ -283,7 +283,7 @@ class Objective:
             lr = group["lr"]
             if not isinstance(lr, torch.Tensor):
                 if lr_cache.get("value") != lr:
-                    lr_cache.update(value=lr, tensor=torch.tensor(lr, dtype=cores[0].dtype, device=cores[0].device))
+                    lr_cache.update(value=lr, tensor=torch.full((), lr, dtype=cores[0].dtype, device=cores[0].device))
                 lr = lr_cache["tensor"]
             return (held["m"], held["v"], held["steps"][0], lr, tuple(group["betas"]), group["eps"],
                     group["weight_decay"])
@@ -301,10 +301,12 @@ class Objective:
                 opt.count_step()
             return loss
 
-        def warm():
-            zeros = tuple(torch.zeros_like(c) for c in cores)
-            return fn(cores, idx, y, scale, zeros, zeros, torch.zeros((), dtype=torch.float32), torch.tensor(0.0),
-                      (0.9, 0.999), 1e-8, 0.0, *extra())
+        def warm():   # Adam's own settings; zero moments, step and lr like those of the coming steps
+            group, zeros = base.param_groups[0], tuple(torch.zeros_like(c) for c in cores)
+            dev = cores[0].device
+            return fn(cores, idx, y, scale, zeros, zeros, torch.zeros((), device=dev),
+                      torch.zeros((), dtype=cores[0].dtype, device=dev), tuple(group["betas"]), group["eps"],
+                      group["weight_decay"], *extra())
 
         return step if self._warm(f"{method} (Adam in the graph)", warm) else None
 
@@ -317,7 +319,7 @@ class Objective:
 class _DASArgs:
     """DAS's arguments of the compiled ``'das'`` graphs: (eta_alpha0, schedule table, device step
     counter t, seg, counts, normalization, divisor).  The graph returns t + 1, kept for the next
-    call; t is rebuilt from ``opt.step_count`` (one host-to-device copy) whenever the two part: at
+    call; t is rebuilt from ``opt.step_count`` (a fill on the device, no copy) whenever the two part: at
     the first step, after a skipped step or eager steps, or a state reload."""
 
     def __init__(self, opt):
@@ -328,7 +330,7 @@ class _DASArgs:
     def __call__(self) -> tuple:
         self.n = self.opt.step_count
         if self.at != self.n:
-            self.t = torch.tensor(self.n, device=self.table.device)
+            self.t = torch.full((), self.n, dtype=torch.int64, device=self.table.device)   # a fill, no copy
         return (self.opt.eta_alpha0(), self.table, self.t, *self.fixed)
 
     def advance(self, t: torch.Tensor) -> None:
