@@ -14,7 +14,7 @@ per-tensor ops, which is also what ``torch.compile`` traces) or the multi-tensor
 - :func:`bar_scale_`: nBAR / oBAR's scaling of (x, y) pairs (BAR, Algorithms 2 and 3);
 - :func:`rebalance_`: exact rebalancing of every group;
 - :func:`adam_step`: ``torch.optim.Adam``'s step out of place, for a graph that takes the base
-  step too (:func:`adam_graph_settings` says when it is the optimizer's own).
+  step too (:func:`adam_fits_graph` says when it is the optimizer's own).
 
 **Sharded parameters (DTensor, FSDP2).**  Every function takes ``sharding``, a
 :class:`~tensorsam.norms.Sharding` of its norm list (``None`` on one process, where nothing else
@@ -208,24 +208,25 @@ def rebalance_(cores: list[torch.Tensor], seg: torch.Tensor, counts: torch.Tenso
 
 
 # -- a base step inside a graph ------------------------------------------------------------------
-def adam_graph_settings(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> dict | None:
-    """``{'group', 'betas', 'eps', 'weight_decay'}`` when :func:`adam_step` takes exactly the step
-    ``optimizer`` would take on ``params``, else ``None``: a ``torch.optim.Adam`` (not a subclass)
-    whose one param group holds exactly ``params``, without amsgrad, maximize, differentiable or
-    capturable, and no step hooks (a graph would skip them)."""
+def adam_fits_graph(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> bool:
+    """Whether :func:`adam_step` takes exactly the step ``optimizer`` would take on ``params``: a
+    ``torch.optim.Adam`` (not a subclass) whose one param group holds exactly ``params``, without
+    amsgrad, maximize, differentiable or capturable, and no step hooks (a graph would skip them)."""
     if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1:
-        return None
+        return False
     group = optimizer.param_groups[0]
     if [id(q) for q in group["params"]] != [id(q) for q in params]:
-        return None
+        return False
     if any(group.get(flag) for flag in ("amsgrad", "maximize", "differentiable", "capturable")):
-        return None
+        return False
     from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
-    if (optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks
-            or _global_optimizer_pre_hooks or _global_optimizer_post_hooks):
-        return None
-    return {"group": group, "betas": tuple(group["betas"]), "eps": group["eps"],
-            "weight_decay": group["weight_decay"]}
+    return not (optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks
+                or _global_optimizer_pre_hooks or _global_optimizer_post_hooks)
+
+
+def adam_settings(group: dict) -> tuple:
+    """``(betas, eps, weight_decay)`` of an Adam param group: :func:`adam_step`'s constants."""
+    return tuple(group["betas"]), group["eps"], group["weight_decay"]
 
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, step: torch.Tensor, lr, betas: tuple[float, float],

@@ -253,15 +253,16 @@ class Objective:
     def _adam_step(self, method: str, opt, fallback):
         """The iteration with Adam's step inside the compiled graph as well (``'<kind>+adam'`` of
         :func:`gradient_fns`), writing Adam's own state (moments, step count), or ``None`` where
-        Adam is not exactly the base step (:func:`~tensorsam.optim.functional.adam_graph_settings`),
+        Adam is not exactly the base step (:func:`~tensorsam.optim.functional.adam_fits_graph`),
         non-finite steps are to be skipped (that needs a host read) or compilation fails.  Until
         Adam has state (its first step), and when its state or param group is replaced (a reload),
         ``fallback`` (the eager wrapper on eager autograd: nothing else to compile) takes the step,
         and the state is picked up after it."""
-        from tensorsam.optim.functional import adam_graph_settings
+        from tensorsam.optim.functional import adam_fits_graph, adam_settings
+        from tensorsam.optim.plan import per_core_values
 
         base = getattr(opt, "base_optimizer", opt)
-        if adam_graph_settings(base, self.cores) is None or getattr(opt, "skip_nonfinite", False):
+        if not adam_fits_graph(base, self.cores) or getattr(opt, "skip_nonfinite", False):
             return None
         kind = {"adam": "plain", "das": "das", "sam": "sam"}[method]
         fn = self._compiled(f"{kind}+adam")
@@ -269,7 +270,7 @@ class Objective:
         das = _DASArgs(opt) if method == "das" else None
         extra = das if das is not None else ((lambda: opt.functional_args(self.cores)) if method == "sam" else tuple)
         held: dict = {"of": None}        # Adam's state tensors, and the (state, group) they belong to
-        lr_cache: dict = {}
+        lr_cache: dict = {}              # the lr tensor, kept while lr holds its value
 
         def state_args():
             group = base.param_groups[0]
@@ -280,13 +281,8 @@ class Objective:
                 held.update(of=(id(base.state), id(group)), m=tuple(s["exp_avg"] for s in st),
                             v=tuple(s["exp_avg_sq"] for s in st), steps=[s["step"] for s in st])
                 held["targets"] = [*cores, *held["m"], *held["v"], *held["steps"]]
-            lr = group["lr"]
-            if not isinstance(lr, torch.Tensor):
-                if lr_cache.get("value") != lr:
-                    lr_cache.update(value=lr, tensor=torch.full((), lr, dtype=cores[0].dtype, device=cores[0].device))
-                lr = lr_cache["tensor"]
-            return (held["m"], held["v"], held["steps"][0], lr, tuple(group["betas"]), group["eps"],
-                    group["weight_decay"])
+            lr = per_core_values([group], [0], lambda g: g["lr"], cores[0], lr_cache)
+            return (held["m"], held["v"], held["steps"][0], lr, *adam_settings(group))
 
         def step():
             adam = state_args()
@@ -302,11 +298,10 @@ class Objective:
             return loss
 
         def warm():   # Adam's own settings; zero moments, step and lr like those of the coming steps
-            group, zeros = base.param_groups[0], tuple(torch.zeros_like(c) for c in cores)
-            dev = cores[0].device
-            return fn(cores, idx, y, scale, zeros, zeros, torch.zeros((), device=dev),
-                      torch.zeros((), dtype=cores[0].dtype, device=dev), tuple(group["betas"]), group["eps"],
-                      group["weight_decay"], *extra())
+            zeros = tuple(torch.zeros_like(c) for c in cores)
+            return fn(cores, idx, y, scale, zeros, zeros, torch.zeros((), device=cores[0].device),
+                      torch.zeros(1, dtype=cores[0].dtype, device=cores[0].device),
+                      *adam_settings(base.param_groups[0]), *extra())
 
         return step if self._warm(f"{method} (Adam in the graph)", warm) else None
 
