@@ -67,6 +67,9 @@ PEERS = {"tltorch": ("tensorly-torch", "0.5.0"), "tednet": ("tednet", "0.1.3"),
          "pytorch_optimizer": ("pytorch-optimizer", "4.1.0")}
 PIP = "pip install " + " ".join(f"'{d}=={v}'" for d, v in PEERS.values())
 ROUNDS = 15
+# SAM's full step is two forward/backward passes that both optimizers run alike; the ~10 ms where
+# they differ is under 1 % of it, so its per-round ratios scatter more than that: more rounds
+SAM_ROUNDS = 31
 SGD_KW = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}  # benchmarks/optim.py's base optimizer
 RHO = 0.05
 
@@ -165,6 +168,23 @@ def linear_variants(peers: dict, fmt: str, rank: int, modes: tuple[int, ...]) ->
     return ours, built, missing
 
 
+def tltorch_conv(tltorch, channels: int, fmt: str, rank: int, impl: str) -> nn.Module:
+    """tltorch's 3x3 FactorizedConv, initialised: its constructor leaves the factors as
+    ``torch.empty`` memory (NaN, 1e38, denormals), which would be timed as they are."""
+    conv = tltorch.FactorizedConv(channels, channels, 3, order=2, padding=1, bias=True, factorization=fmt,
+                                  rank=rank, implementation=impl)
+    with torch.no_grad():
+        conv.reset_parameters()     # tltorch's own: weight ~ N(0, 0.02) through the factors, bias 0
+    return conv
+
+
+def check_finite(label: str, module: nn.Module) -> None:
+    """Refuse to time a layer with non-finite parameters (uninitialised memory)."""
+    bad = [n for n, p in module.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise RuntimeError(f"{label}: non-finite parameters {bad}; initialise the layer before timing it")
+
+
 def conv_variants(peers: dict, fmt: str, rank: int, channels: int) -> tuple[nn.Module, dict, dict]:
     ours = TensorizedConv2d(channels, channels, 3, format=fmt, rank=rank, padding=1)
     target = count_parameters(ours)
@@ -174,9 +194,8 @@ def conv_variants(peers: dict, fmt: str, rank: int, channels: int) -> tuple[nn.M
             missing["tltorch"] = "tltorch has no tensor-ring convolution"
         else:
             for impl in ("factorized", "reconstructed"):
-                got = match_rank(lambda r, impl=impl: peers["tltorch"].FactorizedConv(
-                    channels, channels, 3, order=2, padding=1, bias=True, factorization=fmt, rank=r,
-                    implementation=impl), target)
+                got = match_rank(lambda r, impl=impl: tltorch_conv(
+                    peers["tltorch"], channels, fmt, r, impl), target)
                 if got:
                     built[f"tltorch {fmt} ({impl})"] = (got[1], got[0])
     if "tednet" in peers:
@@ -230,9 +249,42 @@ def check_linear(peers: dict, fmt: str, modes: tuple[int, ...]) -> dict | None:
             "ok": max(diffs.values()) < 1e-10}
 
 
+@torch.no_grad()
+def check_tucker_conv(peer: nn.Module, ours: nn.Module) -> dict:
+    """tltorch's Tucker conv (core (r_out, r_in, r, r), factors out, in, kh, kw) loaded into ours of
+    ranks (r_in, 9, r_out): the kernel core with the spatial factors absorbed, an identity kernel
+    factor.  Max abs difference of the outputs, float64."""
+    peer, ours = copy.deepcopy(peer).double(), copy.deepcopy(ours).double()
+    w = peer.weight
+    u_out, u_in, u_h, u_w = w.factors
+    kernel = torch.einsum("bapq,hp,wq->abhw", w.core, u_h, u_w)  # (r_in, r_out, kh, kw)
+    core, f_in, f_k, f_out = ours.cores
+    core.copy_(kernel.reshape(kernel.shape[0], kernel.shape[1], -1).permute(0, 2, 1))
+    f_in.copy_(u_in)
+    f_k.copy_(torch.eye(f_k.shape[0], dtype=f_k.dtype))
+    f_out.copy_(u_out)
+    peer.bias.normal_()
+    ours.bias.copy_(peer.bias)
+    x = torch.randn(2, u_in.shape[0], 8, 8, dtype=torch.float64)
+    diff = float((ours(x) - peer(x)).abs().max())
+    return {"against": "tltorch tucker (factorized)", "max_abs_diff": diff, "ok": diff < 1e-10}
+
+
+def same_rank_tucker_conv(peers: dict, built: dict, channels: int) -> tuple[nn.Module, str, nn.Module, int] | None:
+    """Ours at the channel ranks of tltorch's param-matched Tucker conv: the same function class
+    (channel ranks r, any 3x3 kernel; tltorch's spatial ranks r > 3 add parameters, not functions)."""
+    label = "tltorch tucker (factorized)"
+    if label not in built:
+        return None
+    peer, r = built[label]
+    return TensorizedConv2d(channels, channels, 3, format="tucker", rank=(r, 9, r), padding=1), label, peer, r
+
+
 def time_row(group: str, case: str, ours: nn.Module, ours_fn, peers: dict, rounds: int, warmup: int,
              mode: str | None = None, extra: dict | None = None) -> list[dict]:
     """Interleave ours and every peer (label -> (module, rank, fn)); one row per peer."""
+    for label, (module, _, _) in {"ours": (ours, None, None), **peers}.items():
+        check_finite(label, module)
     fns = {"ours": ours_fn, **{label: fn for label, (_, _, fn) in peers.items()}}
     samples = interleaved_samples(fns, rounds, warmup)
     rows = []
@@ -274,10 +326,16 @@ def bench_layers(peers: dict, args, log) -> tuple[list[dict], list[dict]]:
         timed = {label: (m, r, fwd_bwd(m, x, g)) for label, (m, r) in built.items()}
         got = time_row(kind, case, ours, fwd_bwd(ours, x, g), timed, args.rounds, args.warmup,
                        ours.choose_mode(x), {"format": fmt, "rank": rank, "check": check})
+        if kind == "conv" and fmt == "tucker" and (twin := same_rank_tucker_conv(peers, built, c)):
+            mine, label, peer, r = twin
+            got += time_row(kind, f"Conv {c}->{c} 3x3 tucker at tltorch's channel rank {r}, {b}x{c}x{hw}x{hw}",
+                            mine, fwd_bwd(mine, x, g), {label: (peer, r, fwd_bwd(peer, x, g))}, args.rounds,
+                            args.warmup, mine.choose_mode(x),
+                            {"format": fmt, "rank": [r, 9, r], "check": check_tucker_conv(peer, mine)})
         rows += got
         left_out += [{"case": case, "peer": p, "reason": why} for p, why in missing.items()]
         for r in got:
-            log(f"  {case:44} vs {r['peer']:34} ours/peer {r['ratio']['median']:.2f} "
+            log(f"  {r['case']:44} vs {r['peer']:34} ours/peer {r['ratio']['median']:.2f} "
                 f"[{r['ratio']['p25']:.2f}, {r['ratio']['p75']:.2f}]")
     return rows, left_out
 
@@ -341,7 +399,7 @@ def bench_networks(peers: dict, args, log) -> tuple[list[dict], list[dict]]:
 
         return run
 
-    samples = interleaved_samples({k: timed_step(k) for k in models}, args.rounds, args.warmup)
+    samples = interleaved_samples({k: timed_step(k) for k in models}, args.sam_rounds, args.warmup)
     med = {k: statistics.median(v) for k, v in samples.items()}
 
     def alone(k):  # the optimizer's own work: ascent, restore and base step with the gradients fixed
@@ -355,7 +413,7 @@ def bench_networks(peers: dict, args, log) -> tuple[list[dict], list[dict]]:
 
     for k in ("ours", "peer"):
         closures[k]()
-    alone_samples = interleaved_samples({k: alone(k) for k in ("ours", "peer")}, args.rounds, args.warmup)
+    alone_samples = interleaved_samples({k: alone(k) for k in ("ours", "peer")}, args.sam_rounds, args.warmup)
     row = {"group": "optimizer", "case": case, "ours_params": count_parameters(ours), "ours_mode": None,
            "ours_ms": 1e3 * med["ours"], "peer": "pytorch_optimizer.SAM", "peer_params": count_parameters(ours),
            "peer_rank": None, "peer_ms": 1e3 * med["peer"],
@@ -392,7 +450,7 @@ def markdown(rows: list[dict], left_out: list[dict], skipped: dict, meta: dict) 
                      f"[{q['p25']:.2f}, {q['p75']:.2f}] ({q['min']:.2f}-{q['max']:.2f}) |")
     sam = [r for r in rows if r["group"] == "optimizer"]
     for r in sam:
-        lines += ["", (f"SAM / SGD full step: ours {r['ours_over_sgd']['median']:.2f}, pytorch-optimizer "
+        lines += ["", (f"SAM row: {r['ratio']['n']} rounds. SAM / SGD full step: ours {r['ours_over_sgd']['median']:.2f}, pytorch-optimizer "
                        f"{r['peer_over_sgd']['median']:.2f} (paired medians). The optimizer's own work with the "
                        f"gradients fixed: ours {r['optimizer_alone_ms']['ours']:.1f} ms, pytorch-optimizer "
                        f"{r['optimizer_alone_ms']['peer']:.1f} ms (paired ratio "
@@ -413,6 +471,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, 3 rounds: a smoke run")
     p.add_argument("--rounds", type=int, help=f"interleaved rounds per row (default {ROUNDS}; >= 15 unless --quick)")
+    p.add_argument("--sam-rounds", type=int,
+                   help=f"rounds of the SAM row (default the larger of --rounds and {SAM_ROUNDS})")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--out", type=Path, default=RESULTS, help="JSON results")
     p.add_argument("--skip-layers", action="store_true")
@@ -434,6 +494,9 @@ def main(argv=None) -> int:
     args.rounds = args.rounds or (3 if args.quick else ROUNDS)
     if args.rounds < 15 and not args.quick:
         raise SystemExit(f"--rounds must be >= 15 for a measurement, got {args.rounds} (or use --quick)")
+    args.sam_rounds = args.sam_rounds or (args.rounds if args.quick else max(args.rounds, SAM_ROUNDS))
+    if args.sam_rounds < 15 and not args.quick:
+        raise SystemExit(f"--sam-rounds must be >= 15 for a measurement, got {args.sam_rounds}")
     args.warmup = 0 if args.quick else 2
     args.batch = 4 if args.quick else 128
     args.net_batch = 2 if args.quick else 128
@@ -441,7 +504,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     argv_used = sys.argv[1:] if argv is None else list(argv)
     meta = {"command": " ".join(["python benchmarks/peers.py", *argv_used]), "quick": args.quick,
-            "rounds": args.rounds, "warmup": args.warmup, "threads": args.threads, "clock": args.clock, "machine": machine(),
+            "rounds": args.rounds, "sam_rounds": args.sam_rounds, "warmup": args.warmup, "threads": args.threads, "clock": args.clock, "machine": machine(),
             "python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
             "load_before": load_avg()}
     peers, skipped = load_peers()
