@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
 import statistics
@@ -48,6 +49,8 @@ GOAL_REPEATS = 9
 # a paired auto/forced sample runs each side this many seconds (up to PAIR_BLOCK_MAX calls), so that
 # a fast row's ratio is not one call's scheduling noise
 PAIR_BLOCK_S, PAIR_BLOCK_MAX = 0.02, 20
+# auto's dispatch alone: calls per side and rounds (best of) on a one-sample input without gradients
+DISPATCH_CALLS, DISPATCH_ROUNDS = 200, 7
 MODES = ("factorized", "reconstructed", "chain")  # the table's columns; a layer has a subset (layer.modes)
 RESULTS = Path(__file__).resolve().parent / "results" / "layers.md"
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # cpu: this process's CPU time
@@ -134,6 +137,27 @@ def blocked(run, calls: int):
     return lambda: sum(run() for _ in range(calls))
 
 
+def dispatch_cost(layer: nn.Module, x: torch.Tensor) -> float:
+    """Seconds per call that ``auto`` adds to forcing the mode it picks, where a call is mostly
+    dispatch: one sample, no gradients, the best of ``DISPATCH_ROUNDS`` runs of ``DISPATCH_CALLS``
+    calls a side, auto minus forced.  The paired full-size ratio cannot resolve this: identical
+    code scatters by several % from one block of calls to the next on a shared machine."""
+    x1, best = x[:1].detach(), {}
+    with torch.no_grad():
+        layer.forward_mode = "auto"
+        sides = {"auto": "auto", "forced": layer.choose_mode(x1)}
+        for _ in range(DISPATCH_ROUNDS):
+            for side, mode in sides.items():
+                layer.forward_mode = mode
+                layer(x1)
+                t0 = time.perf_counter()
+                for _ in range(DISPATCH_CALLS):
+                    layer(x1)
+                best[side] = min(best.get(side, math.inf), (time.perf_counter() - t0) / DISPATCH_CALLS)
+    layer.forward_mode = "auto"
+    return best["auto"] - best["forced"]
+
+
 def bench_layers(quick: bool, repeats: int, pair_repeats: int, console: Console) -> list[dict]:
     rows = []
     for kind, fmt, rank, make, make_dense, in_shape in layer_cases(quick):
@@ -153,12 +177,14 @@ def bench_layers(quick: bool, repeats: int, pair_repeats: int, console: Console)
         pair = interleaved_samples({"forced": blocked(with_mode(layer, chosen, x, g), block),
                                     "auto": blocked(fns["auto"], block)}, pair_repeats)
         overhead = summary([a / f for a, f in zip(pair["auto"], pair["forced"])])
+        dispatch_s = dispatch_cost(layer, x)
         faster = min(layer.modes, key=t.get)
         row = {"kind": kind, "format": fmt, "rank": rank, "params": count_parameters(layer),
                "dense_params": count_parameters(dense), **{k: v * 1e3 for k, v in t.items()},
                "modes": list(layer.modes), "chosen": chosen, "choose_s": choose_s,
                "auto_ratio": t["auto"] / t[faster], "faster": faster, "vs_dense": t["auto"] / t["dense"],
-               "overhead": overhead, "pair_repeats": pair_repeats, "pair_block": block}
+               "overhead": overhead, "pair_repeats": pair_repeats, "pair_block": block,
+               "dispatch_us": dispatch_s * 1e6, "dispatch_share": dispatch_s / t[chosen]}
         row["ok_auto"] = row["auto_ratio"] <= AUTO_TOLERANCE
         row["ok_overhead"] = overhead["median"] <= OVERHEAD_TOLERANCE
         row["ok"] = row["ok_auto"] and row["ok_overhead"]
@@ -200,7 +226,7 @@ def machine() -> str:
 
 
 HEAD = ("layer", "format", "rank", "params", "factorized ms", "reconstructed ms", "chain ms", "auto ms", "dense ms",
-        "auto picks", "choice s", "auto / best", "auto / forced (paired)", "auto / dense")
+        "auto picks", "choice s", "auto / best", "auto / forced (paired)", "dispatch: auto - forced", "auto / dense")
 
 
 def cells(r: dict) -> list[str]:
@@ -211,6 +237,7 @@ def cells(r: dict) -> list[str]:
             f"{r['auto']:.2f}", f"{r['dense']:.2f}", picks, f"{r['choose_s']:.2f}",
             f"{r['auto_ratio']:.2f}" + ("" if r["ok_auto"] else " (!)"),
             f"{o['median']:.3f} [{o['p25']:.3f}, {o['p75']:.3f}]" + ("" if r["ok_overhead"] else " (!)"),
+            f"{r['dispatch_us']:+.1f} us ({100 * r['dispatch_share']:+.3f} %)",
             f"{r['vs_dense']:.2f}"]
 
 
@@ -235,8 +262,12 @@ def summary_lines(rows: list[dict]) -> list[str]:
     over_line = (f"auto / forcing its choice <= {OVERHEAD_TOLERANCE:.2f} (median of {rows[0]['pair_repeats']} paired "
                  f"rounds of ~{PAIR_BLOCK_S * 1e3:.0f} ms a side, [p25, p75]): {over}/{len(rows)} rows; highest {worst['overhead']['median']:.3f} "
                  f"({worst['kind']}, {worst['format']} rank {worst['rank']})")
+    top = max(rows, key=lambda r: r["dispatch_us"])
+    dispatch_line = (f"dispatch alone (one sample, no gradients, best of {DISPATCH_ROUNDS} x {DISPATCH_CALLS} calls "
+                     f"a side): auto - forced at most {top['dispatch_us']:+.1f} us per call, at most "
+                     f"{100 * max(r['dispatch_share'] for r in rows):+.3f} % of a full-size call")
     return [f"auto <= {AUTO_TOLERANCE:.2f}x the fastest of the layer's modes (medians): {ok}/{len(rows)} rows",
-            picked_line, over_line, "'choice s' is the one-time cost of auto's choice for that layer and input shape"]
+            picked_line, over_line, dispatch_line, "'choice s' is the one-time cost of auto's choice for that layer and input shape"]
 
 
 def markdown(rows: list[dict], goals: dict | None, info: str, repeats: int) -> str:

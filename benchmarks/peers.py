@@ -25,7 +25,7 @@ ratio below 1 means tensorsam is faster.
   of our ``SAM`` over SGD against ``pytorch_optimizer.SAM`` over SGD on the same TR-ResNet-32.
 
 The table is printed as Markdown and written with the machine, the command and the raw per-round
-timings to ``benchmarks/results/peers.json`` (atomically; once after the layer rows with
+timings to ``benchmarks/results/peers.json``, the table also to ``peers.md`` (atomically; once after the layer rows with
 ``"complete": false``, again at the end).  A peer that cannot be imported is
 skipped, and the reason is printed and recorded.
 """
@@ -517,11 +517,13 @@ def main(argv=None) -> int:
     rows, left_out = [], []
 
     def write(done: bool) -> str:
-        """The JSON so far (atomically): a run stopped during the networks keeps its layer rows."""
+        """The JSON so far and its table as Markdown beside it (``.md``), each written atomically: a run
+        stopped during the networks keeps its layer rows."""
         meta["load_after"] = load_avg()
         text = markdown(rows, left_out, skipped, meta)
         atomic_write_text(args.out, json.dumps({**meta, "complete": done, "skipped": skipped, "left_out": left_out,
                                                 "rows": rows, "markdown": text}, indent=1) + "\n")
+        atomic_write_text(args.out.with_suffix(".md"), text)
         return text
 
     if not args.skip_layers:

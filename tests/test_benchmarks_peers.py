@@ -25,7 +25,7 @@ def test_peers_benchmark_quick(tmp_path, capsys, load_benchmark):
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out
     assert "| case |" in printed and "ours / peer" in printed
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["peers.json"]  # atomic: no temporary file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["peers.json", "peers.md"]  # atomic: no temporary left
     res = json.loads(out.read_text())
     assert res["quick"] and res["complete"] and res["rounds"] == res["sam_rounds"] == 3 and res["skipped"] == {}
     assert res["command"].startswith("python benchmarks/peers.py --quick") and res["machine"]
@@ -46,7 +46,7 @@ def test_peers_benchmark_quick(tmp_path, capsys, load_benchmark):
     checks = [r["check"] for r in res["rows"] if r.get("check")]
     assert checks and all(c["ok"] and c["max_abs_diff"] < 1e-10 for c in checks)
     assert {o["peer"] for o in res["left_out"]} == {"tltorch"}  # no tensor-ring layer in tltorch
-    assert res["clock"] == "wall"
+    assert res["clock"] == "wall" and (tmp_path / "peers.md").read_text() == res["markdown"]
     with pytest.raises(SystemExit):  # CPU time sums over threads: --clock cpu needs one
         script.main(["--quick", "--threads", "2", "--clock", "cpu", "--out", str(out)])
     assert "--clock cpu needs --threads 1" in capsys.readouterr().err
