@@ -271,7 +271,8 @@ def summary_lines(rows: list[dict]) -> list[str]:
                      f"a side): auto - forced at most {top['dispatch_us']:+.1f} us per call, at most "
                      f"{100 * max(r['dispatch_share'] for r in rows):+.3f} % of a full-size call")
     return [f"auto <= {AUTO_TOLERANCE:.2f}x the fastest of the layer's modes (medians): {ok}/{len(rows)} rows",
-            picked_line, over_line, dispatch_line, "'choice s' is the one-time cost of auto's choice for that layer and input shape"]
+            picked_line, over_line, dispatch_line,
+            "'choice s' is the one-time cost of auto's choice for that layer and input shape"]
 
 
 def markdown(rows: list[dict], goals: dict | None, info: str, repeats: int) -> str:

@@ -25,8 +25,8 @@ ratio below 1 means tensorsam is faster.
   of our ``SAM`` over SGD against ``pytorch_optimizer.SAM`` over SGD on the same TR-ResNet-32.
 
 The table is printed as Markdown and written with the machine, the command and the raw per-round
-timings to ``benchmarks/results/peers.json``, the table also to ``peers.md`` (atomically; once after the layer rows with
-``"complete": false``, again at the end).  A peer that cannot be imported is
+timings to ``benchmarks/results/peers.json``, and the table to ``peers.md`` beside it (atomically;
+once after the layer rows with ``"complete": false``, again at the end).  A peer that cannot be imported is
 skipped, and the reason is printed and recorded.
 """
 
@@ -67,8 +67,8 @@ PEERS = {"tltorch": ("tensorly-torch", "0.5.0"), "tednet": ("tednet", "0.1.3"),
          "pytorch_optimizer": ("pytorch-optimizer", "4.1.0")}
 PIP = "pip install " + " ".join(f"'{d}=={v}'" for d, v in PEERS.values())
 ROUNDS = 15
-# SAM's full step is two forward/backward passes that both optimizers run alike; the ~10 ms where
-# they differ is under 1 % of it, so its per-round ratios scatter more than that: more rounds
+# SAM's full step is two forward/backward passes that both optimizers run alike; their own work
+# (~10 ms) is under 1 % of it, less than one round's ratio scatters: more rounds
 SAM_ROUNDS = 31
 SGD_KW = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}  # benchmarks/optim.py's base optimizer
 RHO = 0.05
@@ -270,7 +270,7 @@ def check_tucker_conv(peer: nn.Module, ours: nn.Module) -> dict:
     return {"against": "tltorch tucker (factorized)", "max_abs_diff": diff, "ok": diff < 1e-10}
 
 
-def same_rank_tucker_conv(peers: dict, built: dict, channels: int) -> tuple[nn.Module, str, nn.Module, int] | None:
+def same_rank_tucker_conv(built: dict, channels: int) -> tuple[nn.Module, str, nn.Module, int] | None:
     """Ours at the channel ranks of tltorch's param-matched Tucker conv: the same function class
     (channel ranks r, any 3x3 kernel; tltorch's spatial ranks r > 3 add parameters, not functions)."""
     label = "tltorch tucker (factorized)"
@@ -326,7 +326,7 @@ def bench_layers(peers: dict, args, log) -> tuple[list[dict], list[dict]]:
         timed = {label: (m, r, fwd_bwd(m, x, g)) for label, (m, r) in built.items()}
         got = time_row(kind, case, ours, fwd_bwd(ours, x, g), timed, args.rounds, args.warmup,
                        ours.choose_mode(x), {"format": fmt, "rank": rank, "check": check})
-        if kind == "conv" and fmt == "tucker" and (twin := same_rank_tucker_conv(peers, built, c)):
+        if kind == "conv" and fmt == "tucker" and (twin := same_rank_tucker_conv(built, c)):
             mine, label, peer, r = twin
             got += time_row(kind, f"Conv {c}->{c} 3x3 tucker at tltorch's channel rank {r}, {b}x{c}x{hw}x{hw}",
                             mine, fwd_bwd(mine, x, g), {label: (peer, r, fwd_bwd(peer, x, g))}, args.rounds,
@@ -450,7 +450,8 @@ def markdown(rows: list[dict], left_out: list[dict], skipped: dict, meta: dict) 
                      f"[{q['p25']:.2f}, {q['p75']:.2f}] ({q['min']:.2f}-{q['max']:.2f}) |")
     sam = [r for r in rows if r["group"] == "optimizer"]
     for r in sam:
-        lines += ["", (f"SAM row: {r['ratio']['n']} rounds. SAM / SGD full step: ours {r['ours_over_sgd']['median']:.2f}, pytorch-optimizer "
+        lines += ["", (f"SAM row: {r['ratio']['n']} rounds. SAM / SGD full step: ours "
+                       f"{r['ours_over_sgd']['median']:.2f}, pytorch-optimizer "
                        f"{r['peer_over_sgd']['median']:.2f} (paired medians). The optimizer's own work with the "
                        f"gradients fixed: ours {r['optimizer_alone_ms']['ours']:.1f} ms, pytorch-optimizer "
                        f"{r['optimizer_alone_ms']['peer']:.1f} ms (paired ratio "
@@ -504,7 +505,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     argv_used = sys.argv[1:] if argv is None else list(argv)
     meta = {"command": " ".join(["python benchmarks/peers.py", *argv_used]), "quick": args.quick,
-            "rounds": args.rounds, "sam_rounds": args.sam_rounds, "warmup": args.warmup, "threads": args.threads, "clock": args.clock, "machine": machine(),
+            "rounds": args.rounds, "sam_rounds": args.sam_rounds, "warmup": args.warmup, "threads": args.threads,
+            "clock": args.clock, "machine": machine(),
             "python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
             "load_before": load_avg()}
     peers, skipped = load_peers()

@@ -7,6 +7,7 @@ every process computes exactly the same thing.
 """
 
 import datetime
+import importlib.util
 import os
 import socket
 import time
@@ -23,6 +24,8 @@ from tensorsam.optim import DAS, SAM
 
 WORLD, STEPS, LR, RHO, ALPHA = 2, 3, 0.1, 0.05, 0.5
 TIMEOUT_S = 90
+# what the workers of this suite import, loaded once by the fork server they fork from
+PRELOAD = ("torch", "tensorsam.nn", "tensorsam.optim", "tensorsam.train", "transformers", "peft")
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available")
@@ -120,17 +123,18 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory):
     """Run the workers once; kill them if they are not done within TIMEOUT_S."""
-    outdir = str(tmp_path_factory.mktemp("ddp"))
-    # warm the imports the workers need (torch.optim pulls in dynamo lazily), then fork: a
-    # spawned worker would spend seconds re-importing torch on a busy 2-core machine
-    train_das(make_model(), batches()[:1])
-    return run_workers(_worker, outdir)
+    return run_workers(_worker, str(tmp_path_factory.mktemp("ddp")))
 
 
 def run_workers(worker, outdir: str) -> list:
-    """Fork (or spawn) WORLD workers ``worker(rank, port, outdir)``, kill them after TIMEOUT_S, and
-    load what each saved to ``outdir/rank<r>.pt``."""
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    """Start WORLD workers ``worker(rank, port, outdir)``, kill them after TIMEOUT_S, and load what
+    each saved to ``outdir/rank<r>.pt``.  The workers fork from a fork server (which has imported
+    torch and tensorsam once, and runs no tests), never from this process: a fork copies whatever
+    locks the threads of earlier tests hold (gloo, OpenMP, the allocator), and such a fork in the
+    middle of the full suite once hung both workers past the timeout."""
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    if method == "forkserver":
+        mp.set_forkserver_preload([m for m in PRELOAD if importlib.util.find_spec(m.split(".")[0])])
     ctx = mp.start_processes(worker, args=(_free_port(), outdir), nprocs=WORLD, join=False, start_method=method)
     deadline = time.monotonic() + TIMEOUT_S
     try:
