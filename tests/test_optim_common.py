@@ -191,6 +191,31 @@ def test_state_dict_round_trip_is_bit_exact(kind, base):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("kind", ["sam", "das", "nbar", "rebalance"])
+def test_base_optimizers_own_load_state_dict_keeps_the_wrapper_in_step(kind):
+    """``opt.base_optimizer.load_state_dict(...)`` replaces the base optimizer's ``state`` and
+    ``param_groups`` objects; the wrapper reads through to them (an lr scheduler built on the wrapper
+    still reaches the base step, and the restored momentum is the one used), so the result equals
+    loading through the wrapper."""
+    results = []
+    for through_base in (False, True):
+        params, groups, loss_fn = toy()
+        opt = make(kind, params, groups)
+        train(opt, loss_fn, 3)
+        saved = opt.state_dict()
+        train(opt, loss_fn, 2)                       # move on, then go back to the saved state
+        (opt.base_optimizer if through_base else opt).load_state_dict(saved)
+        assert opt.param_groups is opt.base_optimizer.param_groups
+        assert opt.state is opt.base_optimizer.state
+        for g in opt.param_groups:
+            g["lr"] = 0.01                           # what a scheduler on the wrapper does
+        train(opt, loss_fn, 2)
+        assert opt.base_optimizer.param_groups[0]["lr"] == 0.01
+        results.append([p.detach().clone() for p in params])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_load_state_dict_refuses_a_foreign_dict():
     params, groups, _ = toy()
     opt = make("das", params, groups)

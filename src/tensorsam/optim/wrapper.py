@@ -158,13 +158,40 @@ class WrappedOptimizer(torch.optim.Optimizer):
         self.skip_nonfinite = check_flag(skip_nonfinite, "skip_nonfinite")
         self._initialising = True
         super().__init__(base.param_groups, defaults)  # adds our defaults to the shared dicts
-        self._initialising = False
-        self.param_groups = base.param_groups
-        self.state = base.state
+        self._initialising = False      # from here on param_groups and state are the base's
+        del self._init_param_groups, self._init_state
         for g in self.param_groups:
             self._check_group(g)
             g.update({STEP: 0, SKIPPED: 0, BASE: type(base).__name__})
         self.defaults.update({k: v for k, v in base.defaults.items() if k not in self.defaults})
+
+    # -- param_groups and state are the base optimizer's -------------------------------------------
+    # read through on every access, so that they stay the base optimizer's objects even after
+    # ``base_optimizer.load_state_dict()`` replaces them (an lr scheduler on the wrapper then still
+    # reaches the base step); torch's Optimizer.__init__ fills a list of its own while wrapping
+    @property
+    def param_groups(self) -> list[dict]:
+        d = self.__dict__
+        return d["_init_param_groups"] if d.get("_initialising", True) else d["base_optimizer"].param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict]) -> None:
+        if self.__dict__.get("_initialising", True):
+            self.__dict__["_init_param_groups"] = groups
+        else:
+            self.base_optimizer.param_groups = groups
+
+    @property
+    def state(self) -> dict:
+        d = self.__dict__
+        return d["_init_state"] if d.get("_initialising", True) else d["base_optimizer"].state
+
+    @state.setter
+    def state(self, state: dict) -> None:
+        if self.__dict__.get("_initialising", True):
+            self.__dict__["_init_state"] = state
+        else:
+            self.base_optimizer.state = state
 
     def __getstate__(self) -> dict:
         # torch's Optimizer pickles only defaults/state/param_groups; a wrapper needs all of it
@@ -238,8 +265,6 @@ class WrappedOptimizer(torch.optim.Optimizer):
             if index in params and isinstance(entry, dict):
                 self._check_param_state(index, entry, params[index])
         self.base_optimizer.load_state_dict(state_dict)
-        self.param_groups = self.base_optimizer.param_groups
-        self.state = self.base_optimizer.state
         for g in self.param_groups:
             for k, v in {**self.defaults, STEP: 0, SKIPPED: 0, BASE: mine}.items():
                 g.setdefault(k, v)
