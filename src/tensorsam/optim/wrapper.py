@@ -171,8 +171,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
     # reaches the base step); torch's Optimizer.__init__ fills a list of its own while wrapping
     @property
     def param_groups(self) -> list[dict]:
-        d = self.__dict__
-        return d["_init_param_groups"] if d.get("_initialising", True) else d["base_optimizer"].param_groups
+        return self._init_param_groups if self._initialising else self.base_optimizer.param_groups
 
     @param_groups.setter
     def param_groups(self, groups: list[dict]) -> None:
@@ -183,8 +182,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
 
     @property
     def state(self) -> dict:
-        d = self.__dict__
-        return d["_init_state"] if d.get("_initialising", True) else d["base_optimizer"].state
+        return self._init_state if self._initialising else self.base_optimizer.state
 
     @state.setter
     def state(self, state: dict) -> None:
