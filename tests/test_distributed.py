@@ -130,8 +130,9 @@ def run_workers(worker, outdir: str) -> list:
     """Start WORLD workers ``worker(rank, port, outdir)``, kill them after TIMEOUT_S, and load what
     each saved to ``outdir/rank<r>.pt``.  The workers fork from a fork server (which has imported
     torch and tensorsam once, and runs no tests), never from this process: a fork copies whatever
-    locks the threads of earlier tests hold (gloo, OpenMP, the allocator), and such a fork in the
-    middle of the full suite once hung both workers past the timeout."""
+    locks the threads of earlier tests hold (gloo, OpenMP, the allocator).  Workers forked from
+    here once hung past the timeout in the middle of the full suite (not reproduced since; a copied
+    lock is the suspected cause)."""
     method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
     if method == "forkserver":
         mp.set_forkserver_preload([m for m in PRELOAD if importlib.util.find_spec(m.split(".")[0])])
