@@ -115,6 +115,27 @@ def _none_on_any_rank(count: torch.Tensor, sharding: Sharding) -> bool:
     return bool((count == 0).item())
 
 
+class _OfBase:
+    """``param_groups`` / ``state`` of a wrapper: the base optimizer's, read through on every access,
+    so they stay its objects even after ``base_optimizer.load_state_dict()`` replaces them (an lr
+    scheduler on the wrapper still reaches the base step).  While torch's ``Optimizer.__init__``
+    runs inside the wrapper's, they are a list (dict) of its own, ``_init_<name>``."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name, self.init = name, f"_init_{name}"
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        return getattr(obj, self.init) if obj._initialising else getattr(obj.base_optimizer, self.name)
+
+    def __set__(self, obj, value) -> None:
+        if obj._initialising:
+            obj.__dict__[self.init] = value
+        else:
+            setattr(obj.base_optimizer, self.name, value)
+
+
 class WrappedOptimizer(torch.optim.Optimizer):
     """Base class: wraps ``base_optimizer``, a class built on ``params`` with ``**kwargs``, or an
     instance (``params`` then ``None`` or the same parameters).
@@ -165,31 +186,8 @@ class WrappedOptimizer(torch.optim.Optimizer):
             g.update({STEP: 0, SKIPPED: 0, BASE: type(base).__name__})
         self.defaults.update({k: v for k, v in base.defaults.items() if k not in self.defaults})
 
-    # -- param_groups and state are the base optimizer's -------------------------------------------
-    # read through on every access, so that they stay the base optimizer's objects even after
-    # ``base_optimizer.load_state_dict()`` replaces them (an lr scheduler on the wrapper then still
-    # reaches the base step); torch's Optimizer.__init__ fills a list of its own while wrapping
-    @property
-    def param_groups(self) -> list[dict]:
-        return self._init_param_groups if self._initialising else self.base_optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, groups: list[dict]) -> None:
-        if self.__dict__.get("_initialising", True):
-            self.__dict__["_init_param_groups"] = groups
-        else:
-            self.base_optimizer.param_groups = groups
-
-    @property
-    def state(self) -> dict:
-        return self._init_state if self._initialising else self.base_optimizer.state
-
-    @state.setter
-    def state(self, state: dict) -> None:
-        if self.__dict__.get("_initialising", True):
-            self.__dict__["_init_state"] = state
-        else:
-            self.base_optimizer.state = state
+    param_groups = _OfBase()
+    state = _OfBase()
 
     def __getstate__(self) -> dict:
         # torch's Optimizer pickles only defaults/state/param_groups; a wrapper needs all of it
